@@ -1,0 +1,105 @@
+"""Strict typed configs: YAML layers, dotted overrides, one-line errors naming file and key."""
+
+import textwrap
+
+import pytest
+
+from conftest import run_cli
+from trainer.config import Config, ConfigError, from_yaml, load_config, save_config, to_yaml
+
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = _write(tmp_path, "run.yaml", """
+        model:
+          arch: resnet9
+        optim:
+          lr: 5e-4          # PyYAML alone reads this as the string '5e-4'
+          weight_decay: 1E-5
+        data:
+          batch_size: 128
+    """)
+    cfg = load_config(path, ["optim.warmup_epochs=3", "logging.tags=[a, b]", "train.compile=false", "train.ema=0"])
+    assert cfg.model.arch == "resnet9"
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 1e-5
+    assert cfg.optim.warmup_epochs == 3.0 and isinstance(cfg.optim.warmup_epochs, float)
+    assert cfg.data.batch_size == 128 and cfg.data.num_workers == 4  # a default kept
+    assert cfg.logging.tags == ["a", "b"]
+    assert cfg.train.compile is False and cfg.train.ema == 0.0
+
+
+def test_extends_lays_files_over_each_other(tmp_path):
+    _write(tmp_path, "base.yaml", """
+        optim: {lr: 0.2, momentum: 0.8}
+        train: {epochs: 30}
+    """)
+    path = _write(tmp_path, "arch.yaml", """
+        extends: base.yaml
+        model: {arch: mobilenet}
+        optim: {lr: 0.05}
+    """)
+    cfg = load_config(path, ["train.epochs=5"])
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.train.epochs) == (0.05, 0.8, 5)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, fragments",
+    [
+        ("model: {arch: resnet9}\noptim: {lrr: 0.1}\n", [], ["run.yaml", "unknown key 'optim.lrr'", "'optim.lr'"]),
+        ("model: {arch: resnet9}\nmodel: {arch: vgg_bn}\n", [], ["run.yaml", "line 2", "duplicate key 'model'"]),
+        ("model:\n  arch: resnet9\n  arch: vgg_bn\n", [], ["run.yaml", "duplicate key 'arch'"]),
+        ("model: {arch: resnet9}\noptim: {lr: fast}\n", [], ["run.yaml", "optim.lr", "expected a number", "'fast'"]),
+        ("model: {arch: resnet9}\ndata: {batch_size: 12.5}\n", [], ["run.yaml", "data.batch_size", "integer"]),
+        ("model: {arch: resnet9}\ndata: {dtype: float64}\n", [], ["data.dtype", "'bfloat16'"]),
+        ("model: {arch: resnet9}\ntrain: {amp: 1}\n", [], ["train.amp", "true/false"]),
+        ("optim: {lr: 0.1}\n", [], ["run.yaml", "model.arch: required value missing"]),
+        ("model: {arch: resnet99}\n", [], ["model.arch", "unknown architecture 'resnet99'", "resnet9"]),
+        ("model: {arch: resnet9}\n", ["optim.lrr=0.1"], ["override 'optim.lrr=0.1'", "did you mean 'optim.lr'"]),
+        ("model: {arch: resnet9}\n", ["optim.lr=abc"], ["override 'optim.lr=abc'", "expected a number"]),
+        ("model: {arch: resnet9}\n", ["optim.lr"], ["override 'optim.lr'", "key=value"]),
+        ("model: {arch: resnet9}\n", ["data.batch_size=-4"], ["data.batch_size", "must be positive"]),
+        ("model: {arch: resnet9}\noptim: [1, 2]\n", [], ["run.yaml", "optim", "expected a mapping"]),
+        ("model: {arch: resnet9\n", [], ["run.yaml", "not valid YAML"]),
+    ],
+)
+def test_bad_config_is_one_error_naming_file_and_key(tmp_path, text, overrides, fragments):
+    path = _write(tmp_path, "run.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_error_in_base_names_the_base_file(tmp_path):
+    _write(tmp_path, "base.yaml", "optim: {momentun: 0.9}\n")
+    path = _write(tmp_path, "arch.yaml", "extends: base.yaml\nmodel: {arch: resnet9}\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key 'optim\.momentun'"):
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.arch=vgg_bn", "optim.lr=1e-5", "logging.group=sweep-1", "logging.tags=[x]"])
+    assert from_yaml(to_yaml(cfg)) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert isinstance(cfg, Config)
+
+
+def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
+    path = _write(tmp_path, "run.yaml", "model: {arch: resnet9}\n")
+    ok = run_cli("-m", "trainer.config", str(path), "optim.lr=0.3")
+    assert ok.returncode == 0, ok.stderr
+    assert from_yaml(ok.stdout).optim.lr == 0.3
+    bad = run_cli("-m", "trainer.config", str(path), "optim.lr=0.3", "data.batchsize=8")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "error: override 'data.batchsize=8': unknown key 'data.batchsize' (did you mean 'data.batch_size'?)"
+    ]

@@ -1,0 +1,258 @@
+"""CIFAR-10 -> .beton conversion and the FFCV loaders, on the real shared CIFAR-10 and real ffcv."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from trainer.config import DataConfig
+from trainer.data import cifar10
+from trainer.data.cifar10 import MEAN, STD, prepare, read_split
+from trainer.data.loaders import _test_indices, build_loaders
+
+
+@pytest.fixture(scope="module")
+def source_test(cifar_source):
+    return read_split(cifar_source, "test")
+
+
+def _denormalise(x: torch.Tensor) -> np.ndarray:
+    """Normalised NCHW floats back to NHWC uint8, as stored."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _checksum(path: Path) -> tuple[int, str]:
+    import hashlib
+
+    return path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_prepare_counts_per_class(beton_dir):
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    for split, per_class in (("train", 5000), ("test", 1000)):
+        loader = Loader(
+            str(beton_dir / f"{split}.beton"), batch_size=5000, num_workers=1, order=OrderOption.SEQUENTIAL,
+            pipelines={"image": None, "label": [IntDecoder()]},
+        )
+        labels = np.concatenate([np.array(y, copy=True).ravel() for (y,) in loader])
+        assert len(labels) == 10 * per_class
+        assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
+    record = json.loads((beton_dir / cifar10.SIDECAR).read_text())
+    assert record["counts"]["train"] == [5000] * 10 and record["counts"]["test"] == [1000] * 10
+    assert record["label_names"][:2] == ["airplane", "automobile"]
+
+
+def test_train_pixels_exact_through_sequential_loader(beton_dir, cifar_source):
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    source = read_split(cifar_source, "train")
+    sample = np.random.default_rng(0).choice(50_000, size=2_000, replace=False)
+    sample.sort()  # SEQUENTIAL walks the given indices in order
+    loader = Loader(
+        str(beton_dir / "train.beton"), batch_size=500, num_workers=1, order=OrderOption.SEQUENTIAL,
+        indices=sample, pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
+    # ffcv reuses its batch buffers: copy each batch before asking for the next.
+    images = np.concatenate([np.array(x, copy=True) for x, _ in loader])
+    labels = np.concatenate([np.array(y, copy=True).ravel() for _, y in loader])
+    assert images.shape == (2_000, 32, 32, 3)
+    np.testing.assert_array_equal(images, source.images[sample])
+    np.testing.assert_array_equal(labels, source.labels[sample])
+
+
+def test_test_loader_yields_source_exactly(beton_dir, source_test):
+    cfg = DataConfig(dir=str(beton_dir), batch_size=1000, num_workers=2, dtype="float32")
+    _, test = build_loaders(cfg, threads=2)
+    xs, ys = [], []
+    for x, y in test:
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        xs.append(_denormalise(x))
+        ys.append(y.clone().numpy())
+    np.testing.assert_array_equal(np.concatenate(xs), source_test.images)
+    np.testing.assert_array_equal(np.concatenate(ys), source_test.labels)
+    assert torch.get_num_threads() == 2  # put back after ffcv changed it
+
+
+def test_train_loader_augments_and_casts(beton_dir):
+    cfg = DataConfig(dir=str(beton_dir), batch_size=250, num_workers=2, cutout=12, dtype="bfloat16", train_subset=1000)
+    train, _ = build_loaders(cfg, threads=1)
+    assert len(train) == 4 and train.num_samples == 1000
+    batches = [(x.clone(), y.clone()) for x, y in train]
+    x = torch.cat([b[0] for b in batches])
+    assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    # Normalised: roughly zero mean, unit spread.
+    assert abs(x.float().mean().item()) < 0.3 and 0.6 < x.float().std().item() < 1.3
+    # Cutout fills a 12x12 square with the mean colour, which normalises to ~0 in all channels.
+    zero_pixels = (x.float().abs() < 0.02).all(dim=1).sum(dim=(1, 2))
+    assert (zero_pixels >= 100).float().mean() > 0.9  # a few squares are clipped at the border
+    assert torch.get_num_threads() == 1
+
+
+def test_prepare_is_idempotent(beton_dir, cifar_source, capsys):
+    before = [_checksum(beton_dir / n) for n in ("train.beton", "test.beton", cifar10.SIDECAR)]
+    assert prepare(beton_dir, cifar_source) is False
+    assert "nothing to do" in capsys.readouterr().out
+    assert [_checksum(beton_dir / n) for n in ("train.beton", "test.beton", cifar10.SIDECAR)] == before
+
+
+def test_prepare_cli_second_run_does_nothing(beton_dir, cifar_source):
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(cifar_source), "--out", str(beton_dir))
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do" in r.stdout
+
+
+@pytest.fixture
+def broken_source(tmp_path, cifar_source):
+    """A copy of the source (symlinks) whose files a test may replace."""
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    for f in cifar_source.iterdir():
+        (src / f.name).symlink_to(f)
+    return src
+
+
+@pytest.fixture
+def good_out(tmp_path, beton_dir):
+    """An output folder already holding good converted data."""
+    out = tmp_path / "out"
+    shutil.copytree(beton_dir, out)
+    return out
+
+
+def _assert_one_line_error(r, *fragments: str):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_truncated_batch_is_named_and_good_data_kept(broken_source, good_out, cifar_source):
+    before = [_checksum(good_out / n) for n in ("train.beton", "test.beton")]
+    (broken_source / "data_batch_3").unlink()
+    (broken_source / "data_batch_3").write_bytes((cifar_source / "data_batch_3").read_bytes()[:1_000_000])
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(good_out))
+    _assert_one_line_error(r, "data_batch_3", "truncated or malformed")
+    assert [_checksum(good_out / n) for n in ("train.beton", "test.beton")] == before
+    assert sorted(p.name for p in good_out.iterdir()) == sorted(["train.beton", "test.beton", cifar10.SIDECAR])
+
+
+def test_missing_batch_file_is_named(broken_source, tmp_path):
+    (broken_source / "data_batch_5").unlink()
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
+    _assert_one_line_error(r, "data_batch_5", "missing")
+    assert not (tmp_path / "o" / "train.beton").exists()
+
+
+def test_malformed_batch_is_named(broken_source, tmp_path):
+    import pickle
+
+    (broken_source / "test_batch").unlink()
+    with open(broken_source / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((10_000, 3000), np.uint8), b"labels": [0] * 10_000}, f)
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
+    _assert_one_line_error(r, "test_batch", "3072")
+
+
+def test_missing_source_folder(tmp_path):
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    _assert_one_line_error(r, "nowhere", "no such folder")
+
+
+def test_without_source_the_download_fails_with_advice(tmp_path):
+    # No internet here: the official download must fail fast with one line that says what to do.
+    r = run_cli("-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"), timeout=120)
+    _assert_one_line_error(r, "could not download", "--source")
+
+
+def test_interrupted_write_keeps_previous_files(good_out, cifar_source, monkeypatch):
+    from ffcv.writer import DatasetWriter
+
+    before = [_checksum(good_out / n) for n in ("train.beton", "test.beton")]
+    real = DatasetWriter.from_indexed_dataset
+
+    def write_then_die(self, dataset, **kw):
+        real(self, dataset, **kw)  # the temporary file is complete...
+        raise KeyboardInterrupt  # ...but the run dies before renaming it into place
+
+    monkeypatch.setattr(DatasetWriter, "from_indexed_dataset", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(good_out, cifar_source, force=True)
+    assert [_checksum(good_out / n) for n in ("train.beton", "test.beton")] == before
+    assert not [p for p in good_out.iterdir() if p.name.endswith(".tmp")]
+    # The record was withdrawn before writing began, so the next run converts again.
+    assert not cifar10.is_current(good_out, cifar_source)
+
+
+def test_changed_source_is_converted_again(broken_source, good_out, cifar_source):
+    assert cifar10.is_current(good_out, cifar_source)
+    meta = broken_source / "batches.meta"
+    data = meta.read_bytes()
+    meta.unlink()
+    meta.write_bytes(data)  # same content, new file: still current
+    assert cifar10.is_current(good_out, broken_source)
+    import pickle
+
+    (broken_source / "test_batch").unlink()
+    batch = pickle.loads((cifar_source / "test_batch").read_bytes(), encoding="bytes")
+    batch[b"data"] = batch[b"data"].copy()
+    batch[b"data"][0, 0] ^= 1  # one pixel differs
+    (broken_source / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    assert not cifar10.is_current(good_out, broken_source)
+
+
+def test_test_indices_partition():
+    for n, world in ((10_000, 2), (1001, 2), (10_000, 3), (7, 4)):
+        shards = [_test_indices(n, r, world) for r in range(world)]
+        np.testing.assert_array_equal(np.concatenate(shards), np.arange(n))
+
+
+def _rank_main(rank: int, world: int, data_dir: str, out: str, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = DataConfig(dir=data_dir, batch_size=100, num_workers=1, flip=False, translate=0,
+                         train_subset=2000, test_subset=1001)
+        train, test = build_loaders(cfg, threads=1)
+        test_x = np.concatenate([_denormalise(x) for x, _ in test])
+        epochs = [np.concatenate([_denormalise(x) for x, _ in train]) for _ in range(2)]
+        np.savez(f"{out}/rank{rank}.npz", test=test_x, epoch0=epochs[0], epoch1=epochs[1])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_loaders_shard_under_two_process_gloo_group(beton_dir, source_test, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(2, str(beton_dir), str(tmp_path), port), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+
+    # Test shards: disjoint, and together exactly the (odd-sized) test set, nothing repeated.
+    assert len(ranks[0]["test"]) + len(ranks[1]["test"]) == 1001
+    np.testing.assert_array_equal(np.concatenate([r["test"] for r in ranks]), source_test.images[:1001])
+
+    # Train shards: each rank half of the subset per epoch, disjoint, and reshuffled between epochs.
+    key = lambda images: {img.tobytes() for img in images}  # CIFAR-10 has no duplicate images
+    for epoch in ("epoch0", "epoch1"):
+        a, b = key(ranks[0][epoch]), key(ranks[1][epoch])
+        assert len(a) == len(b) == 1000 and not a & b
+    assert not np.array_equal(ranks[0]["epoch0"], ranks[0]["epoch1"])

@@ -1,0 +1,369 @@
+"""Typed, strict run configuration: dataclasses filled from YAML files and `key=value` overrides.
+
+A config file may name another one to start from (`extends: base.yaml`, relative to itself); its
+values are laid over that file's, then the command-line overrides over both. Every layer is
+checked on its own against the dataclasses below, so an error names the file (or the override)
+and the dotted key it is about. Mistakes that PyYAML lets through are errors here: unknown keys,
+duplicate keys (PyYAML silently keeps the last), strings where numbers belong, and missing
+required values. `5e-4` is read as the float it looks like (PyYAML's YAML 1.1 rules read it as a
+string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer import UserError
+from trainer.files import write_text_atomic
+
+REQUIRED: Any = dataclasses.MISSING
+
+
+class ConfigError(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema. Defaults are the project's shared recipe; jobs/configs/*.yaml set per-arch values.
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/cifar10"  # holds train.beton and test.beton (python -m trainer.data prepare)
+    batch_size: int = 256  # per process; the global batch is batch_size x world size
+    num_workers: int = 4  # ffcv decoding threads per process
+    flip: bool = True  # random horizontal flip
+    translate: int = 4  # random translation by up to this many pixels (zero padding); 0 = off
+    cutout: int = 0  # side of a square cut out of each training image; 0 = off
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what the loaders hand out
+    channels_last: bool = True  # NHWC batches: faster convolutions on GPUs and on the CPU
+    train_subset: int = 0  # train on the first N images only (0 = all 50,000): smoke runs
+    test_subset: int = 0  # evaluate on the first N test images only (0 = all 10,000)
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "num_workers")
+        _non_negative(self, "translate", "cutout", "train_subset", "test_subset")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = REQUIRED  # a name from the registry: python -m trainer.models lists them
+
+    def __post_init__(self) -> None:
+        from trainer import models  # late: the registry imports torchvision
+
+        if self.arch not in models.names():
+            raise ValueError(f"arch: unknown architecture '{self.arch}'; valid: {', '.join(models.names())}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate per 256 images of global batch (scaled linearly)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4  # not applied to BatchNorm weights and biases
+    label_smoothing: float = 0.1
+    schedule: Literal["onecycle", "cosine"] = "cosine"  # per-iteration decay after the warmup
+    warmup_epochs: float = 2.0  # linear warmup from zero, per iteration
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
+        _non_negative(self, "momentum", "weight_decay", "label_smoothing", "warmup_epochs")
+        if self.label_smoothing >= 1:
+            raise ValueError("label_smoothing: must be below 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 150  # the budget, as the seed had
+    patience: int = 20  # stop after this many epochs without a better test accuracy; 0 = never
+    seed: int = 0
+    amp: bool = True  # autocast: bf16 where supported (CPU included), else fp16 with a GradScaler
+    compile: bool | None = None  # torch.compile; null = on for CUDA, off on the CPU
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
+    tta: bool = False  # average predictions over the image and its mirror at test time
+    threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs")
+        _non_negative(self, "patience", "threads")
+        if not 0 <= self.ema < 1:
+            raise ValueError("ema: must be in [0, 1)")
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "cifar-infinity"  # W&B project
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
+    group: str | None = None  # W&B group: the sweep a run belongs to
+    tags: list[str] = field(default_factory=list)
+    log_every: int = 100  # steps between train-loss points (the only per-step host syncs)
+
+    def __post_init__(self) -> None:
+        _positive(self, "log_every")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}: must be positive, got {getattr(obj, name)}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{name}: must not be negative, got {getattr(obj, name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads YAML 1.2 floats such as 5e-4."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    mapping: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 needs a dot in a float ("5.0e-4"); 1.2 does not. Ints still match the int rule first.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{line}: {problem}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking one layer against the schema
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    ok: bool
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        ok = False
+    elif origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        ok = False
+    elif tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"config field {key} has a type the loader does not handle: {tp}")
+    if not ok:
+        got = f"{type(value).__name__} {value!r}" if value is not None else "null"
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {got}")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    prefix = f"{prefix}." if prefix else ""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _check_layer(data: Any, cls: type, prefix: str = "") -> dict:
+    """One layer (a file or the overrides) checked against `cls`: a dict of coerced values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(f"{prefix}{key}", names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            checked[key] = _check_layer(value, tp, f"{prefix}{key}.")
+        else:
+            checked[key] = _coerce(value, tp, f"{prefix}{key}")
+    return checked
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def _instantiate(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _instantiate(tp, values.get(f.name, {}), f"{prefix}{f.name}.")
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif f.default is REQUIRED and f.default_factory is REQUIRED:
+            raise ConfigError(f"{prefix}{f.name}: required value missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # __post_init__ range checks name their own field
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def parse_override(text: str) -> dict:
+    """`optim.lr=5e-4` -> {'optim': {'lr': 0.0005}}; the value is read as YAML (lists, null...)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected key=value with a dotted key, e.g. optim.lr=0.05")
+    value = _parse_yaml(raw, f"override '{text}'") if raw.strip() else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    layers = []
+    parent = data.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
+        layers = _load_layers(path.parent / parent, seen + (path.resolve(),))
+    layers.append((str(path), data))
+    return layers
+
+
+def build_config(layers: list[tuple[str, Any]]) -> Config:
+    """Checks each (source, mapping) layer, lays them over each other in order, builds a Config."""
+    merged: dict = {}
+    for source, data in layers:
+        try:
+            merged = _merge(merged, _check_layer(data, Config))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    try:
+        return _instantiate(Config, merged)
+    except ConfigError as e:
+        sources = " + ".join(source for source, _ in layers)
+        raise ConfigError(f"{sources}: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config in `path` (None: defaults only), with `key=value` overrides applied last."""
+    layers = _load_layers(Path(path)) if path is not None else []
+    layers += [(f"override '{o}'", parse_override(o)) for o in overrides]
+    return build_config(layers)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def from_yaml(text: str, source: str = "<string>") -> Config:
+    return build_config([(source, _parse_yaml(text, source))])
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    write_text_atomic(path, to_yaml(cfg))
+
+
+def main() -> None:
+    import argparse
+
+    from trainer import cli
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.config", description="Print the resolved config of a YAML file plus key=value overrides."
+    )
+    parser.add_argument("config", help="a YAML file, e.g. jobs/configs/resnet.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    cli.run(lambda: print(to_yaml(load_config(args.config, args.overrides)), end=""))
+
+
+if __name__ == "__main__":
+    main()

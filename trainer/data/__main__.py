@@ -1,0 +1,3 @@
+from trainer.data.cifar10 import main
+
+main()
