@@ -1,0 +1,97 @@
+"""Name -> constructor registry for the CIFAR-10 architectures.
+
+The registry itself knows nothing about the networks; ``trainer/models/__init__.py``
+fills the package-wide instance with explicit ``register`` calls, so the set of
+models is visible in one place and does not depend on which script imported what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+Constructor = Callable[..., nn.Module]
+
+
+class UnknownModelError(KeyError, ValueError):
+    """Raised by ``Registry.build``/``Registry.spec`` for a name that was never registered.
+
+    A KeyError so the Mapping protocol (``in``, ``get``) works, and a ValueError because
+    to a command line the name is a bad argument value; callers may catch either.
+    """
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message, wrapping it in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateModelError(ValueError):
+    """Raised when a name is registered twice (a silent overwrite would hide a typo)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the launcher needs to know about an architecture without building it.
+
+    ``seed_row`` is the row of the seed's comparison table this network reproduces
+    (None for the extra networks beyond the seed); ``params_target`` is the parameter
+    count, in millions, the implementation is sized to (10 classes, within +-5%).
+    """
+
+    name: str
+    constructor: Constructor
+    seed_row: str | None
+    params_target: float
+
+    @property
+    def is_seed(self) -> bool:
+        return self.seed_row is not None
+
+
+class Registry(Mapping[str, ModelSpec]):
+    """A read-only mapping name -> ModelSpec, plus ``register`` and ``build``."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+
+    def register(
+        self,
+        name: str,
+        constructor: Constructor,
+        *,
+        seed_row: str | None,
+        params_target: float,
+    ) -> ModelSpec:
+        if name in self._specs:
+            raise DuplicateModelError(f"model {name!r} is already registered")
+        spec = ModelSpec(name, constructor, seed_row, float(params_target))
+        self._specs[name] = spec
+        return spec
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownModelError(
+                f"unknown model {name!r}; valid names: {', '.join(self.names())}"
+            ) from None
+
+    def build(self, name: str, num_classes: int = 10) -> nn.Module:
+        return self.spec(name).constructor(num_classes=num_classes)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def seed_names(self) -> list[str]:
+        return [n for n in self.names() if self._specs[n].is_seed]
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self.spec(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._specs)

@@ -1,0 +1,49 @@
+"""ResNet-9 of the CIFAR-10 speed-training line (Myrtle.ai / David Page, "How to
+train your ResNet", 2018; the DAWNBench entry): 6,573,120 parameters (10 classes).
+
+prep: conv 64 -> layer1: conv 128, max-pool 2, residual(2 x conv 128) ->
+layer2: conv 256, max-pool 2 -> layer3: conv 512, max-pool 2, residual(2 x conv 512)
+-> global max-pool (4x4 -> 1x1) -> linear 512->10 without bias -> logits x 0.125.
+Every conv is 3x3 conv-BN-ReLU without conv bias. The fixed 0.125 scale on the
+logits is Page's: it keeps the initial softmax soft, which the high learning rates
+of his schedule need.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
+
+
+def _conv(c_in: int, c_out: int) -> Conv2dNormActivation:
+    return Conv2dNormActivation(c_in, c_out, kernel_size=3)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv(channels, channels), _conv(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    def __init__(self, num_classes: int = 10, logit_scale: float = 0.125) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            _conv(3, 64),  # prep
+            _conv(64, 128), nn.MaxPool2d(2), Residual(128),  # layer1: 32 -> 16
+            _conv(128, 256), nn.MaxPool2d(2),  # layer2: 16 -> 8
+            _conv(256, 512), nn.MaxPool2d(2), Residual(512),  # layer3: 8 -> 4
+        )
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(512, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1)) * self.logit_scale
+
+
+def resnet9(num_classes: int = 10) -> nn.Module:
+    return ResNet9(num_classes)
