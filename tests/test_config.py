@@ -103,3 +103,17 @@ def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "error: override 'data.batchsize=8': unknown key 'data.batchsize' (did you mean 'data.batch_size'?)"
     ]
+
+
+def test_shipped_configs_load_and_cover_every_architecture():
+    from conftest import REPO
+    from trainer import models
+
+    archs = {}
+    for path in sorted((REPO / "jobs/configs").glob("*.yaml")):
+        if path.name == "base.yaml":
+            continue  # shared recipe, no architecture of its own
+        archs[load_config(path).model.arch] = path.name
+    assert set(archs) == set(models.names())
+    for name in models.names():
+        assert archs[name] in (f"{name}.yaml", "tiny.yaml")

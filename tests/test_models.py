@@ -26,7 +26,7 @@ EXPECTED_SEED = {
     "mobilenet_big": "MobileNetBig",
     "efficientnet": "EfficientNet",
 }
-EXPECTED_EXTRA = {"efficientnet_b0", "resnet9"}
+EXPECTED_EXTRA = {"efficientnet_b0", "resnet9", "resnet9_tiny"}
 
 
 @pytest.fixture(scope="module")

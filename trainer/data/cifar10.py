@@ -228,6 +228,22 @@ def prepare(out: Path, source: Path | None = None, force: bool = False, workers:
     return True
 
 
+def data_record(data_dir: str | Path) -> dict:
+    """What a run trained on, for its summary: the folder, the source and the outputs' hashes."""
+    data_dir = Path(data_dir)
+    try:
+        record = json.loads((data_dir / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return {"dir": str(data_dir.resolve()), "source_dir": None, "train_sha256": None, "test_sha256": None}
+    outputs = record.get("outputs", {})
+    return {
+        "dir": str(data_dir.resolve()),
+        "source_dir": record.get("source_dir"),
+        "train_sha256": outputs.get("train.beton", {}).get("sha256"),
+        "test_sha256": outputs.get("test.beton", {}).get("sha256"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

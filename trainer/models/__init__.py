@@ -47,6 +47,8 @@ REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="Efficient
 # Beyond the seed: its open question on parameter efficiency, and a speed-training profile.
 REGISTRY.register("efficientnet_b0", efficientnet.efficientnet_b0, seed_row=None, params_target=4.0)
 REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5)
+# For CPUs: the network of jobs/configs/tiny.yaml and of the tests that train.
+REGISTRY.register("resnet9_tiny", resnet9.resnet9_tiny, seed_row=None, params_target=0.413)
 
 
 def build(name: str, num_classes: int = 10) -> nn.Module:

@@ -1,0 +1,203 @@
+"""The trainer as users run it: real processes, the real CIFAR-10 subset, ffcv, gloo DDP, offline W&B."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from wandb_records import config as wandb_config
+from wandb_records import history, read_records
+
+TINY = REPO / "jobs/configs/tiny.yaml"
+SUMMARY_FIELDS = {
+    "test_acc", "best_test_acc", "best_epoch", "train_acc", "gap", "params", "arch", "epochs_run", "wall_time_s",
+    "gpu_seconds", "world_size", "device", "torch_version", "git_sha", "data",
+}
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
+
+
+def small(beton_dir: Path, *extra: str) -> list[str]:
+    """tiny.yaml shrunk to seconds: 3,000 images, 30 steps an epoch. Augmentation off, because ffcv's
+    random flips and translations are not seeded, and the resume tests compare weights bit for bit."""
+    return [
+        "--config", str(TINY), f"data.dir={beton_dir}", "data.train_subset=3000", "data.test_subset=500",
+        "data.batch_size=100", "data.flip=false", "data.translate=0", "train.epochs=3", "train.ema=0.9",
+        "logging.mode=disabled", "logging.log_every=2", *extra,
+    ]
+
+
+def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **(env or {})})
+    return r
+
+
+def weights(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(beton_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    r = trainer(*small(beton_dir), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def test_trains_and_writes_run_folder(uninterrupted):
+    rows = metrics(uninterrupted)
+    assert [m["epoch"] for m in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["best_test_acc"] == max(m["test_acc"] for m in rows) and summary["epochs_run"] == 3
+    assert summary["test_acc"] == rows[-1]["test_acc"]
+    assert summary["gap"] == pytest.approx(summary["train_acc"] - summary["best_test_acc"])
+    assert summary["data"]["train_sha256"] and summary["arch"] == "resnet9_tiny"
+    best = torch.load(uninterrupted / "checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"] and best["test_acc"] == summary["best_test_acc"]
+    # Saved from the raw module: no DDP/compile prefixes in the names.
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["model"])
+    assert (uninterrupted / "config.yaml").read_text().startswith("model:")
+
+
+def test_resume_at_epoch_boundary_is_exact(uninterrupted, beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    first = trainer(*small(beton_dir, "logging.mode=offline"), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
+    assert first.returncode == 0, first.stderr
+    assert "stopped after epoch 2" in first.stdout and not (run_dir / "summary.json").exists()
+    second = trainer("--run-dir", str(run_dir), "logging.mode=offline")  # the run's own config.yaml
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout and "from epoch 3, step 0" in second.stdout
+    assert_same_weights(run_dir, uninterrupted)
+    assert [m["test_acc"] for m in metrics(run_dir)] == [m["test_acc"] for m in metrics(uninterrupted)]
+    # Both segments wrote to the same W&B run.
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
+
+
+def test_sigusr2_mid_epoch_checkpoints_then_resumes_exactly(uninterrupted, beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *small(beton_dir), "--run-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR2)  # now in epoch 2
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped by signal SIGUSR2" in out
+    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["epoch_step"] > 0) in {(1, True), (2, False)}
+    assert not (run_dir / "summary.json").exists()
+
+    again = trainer("--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "summary.json").exists()
+    assert_same_weights(run_dir, uninterrupted)
+
+
+def test_truncated_last_checkpoint_falls_back_to_previous(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    assert trainer(*small(beton_dir, "train.epochs=2"), "--run-dir", str(run_dir), "--stop-after-epoch", "2").returncode == 0
+    last = run_dir / "checkpoints/last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    r = trainer("--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "last.pt is unreadable" in r.stderr
+    assert "from epoch 2, step 0" in r.stdout  # prev.pt: the state after epoch 1
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    assert trainer(*small(beton_dir), "--run-dir", str(run_dir), "--stop-after-epoch", "1").returncode == 0
+    best_before = (run_dir / "checkpoints/best.pt").read_bytes()
+    r = trainer("--run-dir", str(run_dir), "optim.lr=1e6")  # an absurd learning rate from epoch 2 on
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: non-finite training loss at epoch 2, step "), r.stderr
+    assert (run_dir / "checkpoints/best.pt").read_bytes() == best_before
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["optim.lrr=0.1"], "unknown key 'optim.lrr'"),
+        (["data.dir=/nonexistent/cifar"], "/nonexistent/cifar/train.beton: not found"),
+        ([], "pass --config FILE"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, fragment, tmp_path):
+    config = ["--config", str(TINY)] if args else []
+    r = trainer(*config, "--run-dir", str(tmp_path / "run"), *args)
+    assert r.returncode == 1
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert fragment in r.stderr
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_with_offline_wandb(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = small(beton_dir, "train.epochs=2", "data.flip=true", "data.translate=2", "logging.mode=offline")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *args,
+         "--run-dir", str(run_dir)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_API_KEY": FAKE_KEY},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [m["epoch"] for m in rows] == [1, 2] and rows[1]["train_loss"] < rows[0]["train_loss"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= summary.keys()
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    assert r.stdout.count("epoch   1 ") == 1  # only rank 0 logs
+
+    # The offline W&B run holds the logged test accuracies and the config.
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_records(wandb_file)
+    logged = [row["test/acc"] for row in history(records) if "test/acc" in row]
+    assert logged == pytest.approx([m["test_acc"] for m in rows])
+    cfg = wandb_config(records)
+    assert cfg["arch"] == "resnet9_tiny" and cfg["optim"]["label_smoothing"] == 0.2
+    assert "wandb sync" in r.stdout
+
+    # The API key is nowhere in the run folder.
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_wandb_mode_auto(monkeypatch, tmp_path):
+    from trainer.logger import resolve_wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"

@@ -1,0 +1,145 @@
+"""Run logging: console, the run folder's metrics.jsonl, and Weights & Biases — on rank 0 only.
+
+`make_logger` gives rank 0 a RunLogger and every other rank a NullLogger with the same methods
+doing nothing, so the training loop calls the logger unconditionally and never branches on rank.
+
+W&B mode: `logging.mode: auto` follows WANDB_MODE if set, else goes online when an API key is
+configured (WANDB_API_KEY or a `wandb login` entry in ~/.netrc) and offline otherwise; offline
+runs print the `wandb sync` command at the end. If W&B cannot start, training goes on without it.
+The API key is never read into anything this module writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Config, to_dict
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return {"dryrun": "offline", "run": "online"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        return "online" if read_netrc_auth(host=host) else "offline"
+    except Exception:  # an unreadable netrc or a changed wandb internals: be safe, stay local
+        return "offline"
+
+
+class NullLogger:
+    """What ranks other than 0 get: every call is accepted and does nothing."""
+
+    run_id: str | None = None
+
+    def info(self, message: str) -> None:
+        pass
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class RunLogger(NullLogger):
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str | None, resume_epoch: int) -> None:
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._keep_epochs_up_to(resume_epoch)
+        self.wandb_run = self._start_wandb(run_dir, cfg, run_id)
+        self.run_id = self.wandb_run.id if self.wandb_run is not None else run_id
+
+    def _keep_epochs_up_to(self, epoch: int) -> None:
+        """On resume, drop lines for epochs the checkpoint does not include (written after it)."""
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
+        if len(kept) != len(lines):
+            from trainer.files import write_text_atomic
+
+            write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+
+    def _start_wandb(self, run_dir: Path, cfg: Config, run_id: str | None):
+        self.mode = resolve_wandb_mode(cfg.logging.mode)
+        if self.mode == "disabled":
+            return None
+        try:
+            import wandb
+
+            run = wandb.init(
+                project=cfg.logging.project,
+                group=cfg.logging.group,
+                job_type="train",
+                name=run_dir.name,
+                tags=list(dict.fromkeys([cfg.model.arch, *cfg.logging.tags])),
+                config={"arch": cfg.model.arch, **to_dict(cfg)},
+                dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+                mode=self.mode,
+                settings=wandb.Settings(console="off", quiet=True, silent=True),
+            )
+            # Epoch is the x-axis of the per-epoch charts; the dashboard keeps the best test accuracy.
+            run.define_metric("epoch")
+            for prefix in ("train/*", "test/*", "perf/*", "lr"):
+                run.define_metric(prefix, step_metric="epoch")
+            run.define_metric("test/acc", step_metric="epoch", summary="max")
+            run.define_metric("step")
+            run.define_metric("step/*", step_metric="step")
+            return run
+        except Exception as e:
+            self.info(f"warning: W&B could not start ({type(e).__name__}: {e}); training goes on without it")
+            return None
+
+    def info(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log({"step": step, **{f"step/{k}": v for k, v in metrics.items()}})
+
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            groups = {"train_": "train/", "test_": "test/"}
+            row = {}
+            for key, value in metrics.items():
+                prefix = next((p for p in groups if key.startswith(p)), None)
+                row[groups[prefix] + key[len(prefix):] if prefix else key if key in ("epoch", "lr") else f"perf/{key}"] = value
+            self.wandb_run.log(row)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.wandb_run is None:
+            return
+        run_dir = Path(self.wandb_run.dir).parent  # .../wandb/offline-run-*/files -> the run's folder
+        self.wandb_run.finish()
+        if self.mode == "offline":
+            self.info(f"W&B run saved offline; upload it with: wandb sync {run_dir}")
+
+
+def make_logger(is_main: bool, run_dir: Path, cfg: Config, run_id: str | None, resume_epoch: int) -> NullLogger:
+    return RunLogger(run_dir, cfg, run_id, resume_epoch) if is_main else NullLogger()
