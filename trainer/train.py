@@ -425,6 +425,7 @@ class Trainer:
             "device": distributed.device_name(d.device),
             "torch_version": torch.__version__,
             "git_sha": provenance.git_sha(),
+            "command": provenance.software()["command"],
             "data": data_record(self.cfg.data.dir),
             "finished_at": datetime.now().isoformat(timespec="seconds"),
         }
