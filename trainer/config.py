@@ -162,7 +162,7 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except ConfigError as e:
@@ -285,7 +285,7 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected key=value with a dotted key, e.g. optim.lr=0.05")
-    value = _parse_yaml(raw, f"override '{text}'") if raw.strip() else ""
+    value = parse_yaml(raw, f"override '{text}'") if raw.strip() else ""
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -298,7 +298,7 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    data = _parse_yaml(text, str(path))
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -313,19 +313,24 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
     return layers
 
 
-def build_config(layers: list[tuple[str, Any]]) -> Config:
-    """Checks each (source, mapping) layer, lays them over each other in order, builds a Config."""
+def load_dataclass(cls: type, layers: list[tuple[str, Any]]) -> Any:
+    """Checks each (source, mapping) layer against `cls`, lays them over each other in order, and
+    builds the dataclass; any error names the layer's source and the dotted key."""
     merged: dict = {}
     for source, data in layers:
         try:
-            merged = _merge(merged, _check_layer(data, Config))
+            merged = _merge(merged, _check_layer(data, cls))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     try:
-        return _instantiate(Config, merged)
+        return _instantiate(cls, merged)
     except ConfigError as e:
-        sources = " + ".join(source for source, _ in layers)
+        sources = " + ".join(source for source, _ in layers) or "defaults"
         raise ConfigError(f"{sources}: {e}") from None
+
+
+def build_config(layers: list[tuple[str, Any]]) -> Config:
+    return load_dataclass(Config, layers)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -344,7 +349,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_yaml(text: str, source: str = "<string>") -> Config:
-    return build_config([(source, _parse_yaml(text, source))])
+    return build_config([(source, parse_yaml(text, source))])
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

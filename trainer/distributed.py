@@ -38,6 +38,8 @@ def _export_slurm_env() -> None:
         return
     import submitit
 
+    # submitit recognises a SLURM job by this variable, which only its own batch files set.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +24,10 @@ def git_sha() -> str | None:
         return None
 
 
-def software() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch_version": torch.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+def command() -> str:
+    """How this process was started, as typed: `python -m trainer ...` rather than the path of
+    trainer/__main__.py that sys.argv holds."""
+    main = Path(sys.argv[0])
+    if main.name == "__main__.py" and main.parent.name:
+        return " ".join(["python", "-m", main.parent.name, *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])

@@ -50,6 +50,10 @@ class NonFiniteLoss(UserError):
 class Stopped(Exception):
     """The run was asked to stop (a signal, or --stop-after-epoch) and has saved its state."""
 
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     if not enabled:
@@ -349,7 +353,7 @@ class Trainer:
                     self.elapsed_s += train_s
                     self.save_last()
                     raise Stopped(f"stopped by signal {signal.Signals(self.stop_signal).name} in epoch {self.epoch + 1} "
-                                  f"at step {self.epoch_step}; checkpoint saved, run again to resume")
+                                  f"at step {self.epoch_step}; checkpoint saved, run again to resume", self.stop_signal)
                 test_loss, test_acc = self.evaluate()
                 self.elapsed_s += time.perf_counter() - start
                 self.epoch += 1
@@ -389,7 +393,7 @@ class Trainer:
                     raise Stopped(f"stopped after epoch {self.epoch} as asked; run again to resume")
                 if self._should_stop():
                     raise Stopped(f"stopped by signal {signal.Signals(self.stop_signal).name} after epoch {self.epoch}; "
-                                  "checkpoint saved, run again to resume")
+                                  "checkpoint saved, run again to resume", self.stop_signal)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -425,7 +429,7 @@ class Trainer:
             "device": distributed.device_name(d.device),
             "torch_version": torch.__version__,
             "git_sha": provenance.git_sha(),
-            "command": provenance.software()["command"],
+            "command": provenance.command(),
             "data": data_record(self.cfg.data.dir),
             "finished_at": datetime.now().isoformat(timespec="seconds"),
         }
@@ -449,7 +453,8 @@ def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | 
     raise UserError("pass --config FILE (or --run-dir of an existing run to resume it)")
 
 
-def train(config: Path | None, overrides: list[str], run_dir: Path | None = None, stop_after_epoch: int | None = None) -> dict | None:
+def train(config: Path | None, overrides: list[str], run_dir: Path | None = None, stop_after_epoch: int | None = None) -> dict:
+    """Trains to the end and returns the summary, or raises Stopped after saving a checkpoint."""
     d = distributed.setup()
     trainer = logger = None
     try:
@@ -469,7 +474,7 @@ def train(config: Path | None, overrides: list[str], run_dir: Path | None = None
             summary = trainer.run(logger)
         except Stopped as e:
             logger.info(str(e))
-            return None
+            raise
         if d.is_main:
             write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         logger.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
@@ -492,4 +497,12 @@ def main() -> None:
     parser.add_argument("--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if preempted (checkpoint, exit 0)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
     args = parser.parse_args()
-    cli.run(lambda: train(args.config, args.overrides, args.run_dir, args.stop_after_epoch) and None)
+
+    def run() -> int:
+        try:
+            train(args.config, args.overrides, args.run_dir, args.stop_after_epoch)
+        except Stopped:
+            pass  # a clean, resumable stop: exit 0 (the message is printed already)
+        return 0
+
+    cli.run(run)

@@ -1,0 +1,13 @@
+"""Submit one training job per architecture to SLURM (or run them here), and watch them.
+
+    python jobs/launch.py --all --profile smoke --local
+    python jobs/launch.py --all --cluster slurm/example-cluster.yaml -C time_min=240 optim.lr=0.05
+    python jobs/launch.py --status SWEEP --wait
+
+The logic lives in trainer/launch.py (importable by the jobs themselves); --help lists the options.
+"""
+
+from trainer.launch import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""jobs/launch.py against a real single-node SLURM cluster (slurmctld, slurmd, slurmdbd, MariaDB,
+munge) that slurm/cluster.sh starts, and against submitit's local executor."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+LAUNCH = REPO / "jobs/launch.py"
+# Seconds-long training, augmentation off so that weights can be compared bit for bit.
+SHORT = ["data.train_subset=3000", "data.test_subset=500", "data.batch_size=100", "data.flip=false",
+         "data.translate=0", "train.epochs=3", "train.ema=0.9", "logging.mode=disabled", "logging.log_every=2"]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Environment for talking to the local cluster; starts it (and stops it after) if it is down."""
+    was_up = subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "status"], capture_output=True).returncode == 0
+    r = subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "start"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    conf = r.stdout.strip().split("SLURM_CONF=", 1)[1].strip().strip("'\"")
+    yield {**os.environ, "SLURM_CONF": conf}
+    if not was_up:
+        subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "stop"], capture_output=True, timeout=120)
+
+
+def launch(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LAUNCH), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env or os.environ)
+
+
+def sweep_record(runs: Path, sweep: str) -> dict:
+    return json.loads((runs / sweep / "sweep.json").read_text())
+
+
+def sacct_states(job_id: str, env: dict) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id.split("_")[0]],
+                         capture_output=True, text=True, env=env).stdout
+    return dict(line.split("|")[:2] for line in out.splitlines() if "|" in line)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_dry_run_prints_each_job_and_submits_nothing(beton_dir, tmp_path):
+    r = launch("--all", "--profile", "smoke", "--local", "--dry-run", "--runs", str(tmp_path), f"data.dir={beton_dir}")
+    assert r.returncode == 0, r.stderr
+    commands = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("srun python -m trainer")]
+    assert len(commands) == 7
+    assert all("data.train_subset=256" in c and f"data.dir={beton_dir}" in c for c in commands)
+    assert "tasks_per_node=1" in r.stdout and "time_min=30" in r.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["-C", "time_min=0"], "time_min: must be at least 1"),
+        (["-C", "partitionn=gpu"], "unknown key 'partitionn' (did you mean 'partition'?)"),
+        (["-C", "gpus_per_node=two"], "gpus_per_node: expected an integer"),
+        (["--cluster", "slurm/nope.yaml"], "slurm/nope.yaml: cannot read cluster settings"),
+        (["--profile", "huge"], "unknown profile 'huge'"),
+        (["optim.lr=fast"], "optim.lr: expected a number"),
+        (["data.dir=/nonexistent"], "/nonexistent/train.beton: not found"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_submitted(args, fragment, beton_dir, tmp_path):
+    data = [] if any(a.startswith("data.dir") for a in args) else [f"data.dir={beton_dir}"]
+    r = launch("--all", "--local", "--runs", str(tmp_path), *args, *data)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith("error: ")
+    assert fragment in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_arch_lists_valid_names(tmp_path):
+    r = launch("--arch", "resnet,lenet", "--local", "--runs", str(tmp_path))
+    assert r.returncode == 1 and "lenet" in r.stderr and "mobilenet_big" in r.stderr
+
+
+def test_local_executor_without_cluster(beton_dir, tmp_path):
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--sweep", "here", "--runs", str(tmp_path),
+               f"data.dir={beton_dir}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--local: running the jobs on this machine with submitit's local executor" in r.stdout
+    summary = json.loads((tmp_path / "here/resnet9_tiny/summary.json").read_text())
+    assert summary["epochs_run"] == 1
+    assert sweep_record(tmp_path, "here")["executor"] == "local"
+
+
+@pytest.mark.slow
+def test_all_smoke_on_slurm_completes_then_rerun_skips(slurm, beton_dir, tmp_path):
+    r = launch("--all", "--profile", "smoke", "--sweep", "smoke", "--runs", str(tmp_path), "--wait",
+               f"data.dir={beton_dir}", env=slurm)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = sweep_record(tmp_path, "smoke")
+    assert record["executor"] == "slurm" and len(record["jobs"]) == 7
+    for arch, job in record["jobs"].items():
+        summary = json.loads((tmp_path / "smoke" / arch / "summary.json").read_text())
+        assert summary["arch"] == arch and summary["epochs_run"] == 1
+        assert wait_for(lambda: sacct_states(job["job_id"], slurm).get(job["job_id"]) == "COMPLETED", 60,
+                        f"sacct to show {arch} COMPLETED")
+    assert "| resnet |" in r.stdout and "93.19" in r.stdout  # the comparison beside the seed
+
+    again = launch("--all", "--profile", "smoke", "--sweep", "smoke", "--runs", str(tmp_path), f"data.dir={beton_dir}",
+                   env=slurm)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished already") == 7 and "nothing to submit" in again.stdout
+
+    status = launch("--status", "smoke", "--runs", str(tmp_path), env=slurm)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 7
+
+
+@pytest.mark.slow
+def test_two_task_job_runs_gloo_ddp_inside_slurm(slurm, beton_dir, tmp_path):
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "-C", "tasks_per_node=2", "--sweep", "ddp", "--runs",
+               str(tmp_path), "--wait", f"data.dir={beton_dir}", env=slurm)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/resnet9_tiny/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+
+
+@pytest.mark.slow
+def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_dir, tmp_path):
+    import submitit
+
+    reference = tmp_path / "reference"
+    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--run-dir",
+                        str(reference), f"data.dir={beton_dir}", *SHORT], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    r = launch("--arch", "resnet9_tiny", "--sweep", "pre", "--runs", str(tmp_path), "-C", "time_min=30",
+               f"data.dir={beton_dir}", *SHORT, env=slurm)
+    assert r.returncode == 0, r.stderr
+    job_id = sweep_record(tmp_path, "pre")["jobs"]["resnet9_tiny"]["job_id"]
+    run_dir = tmp_path / "pre/resnet9_tiny"
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300, "the first epoch")
+
+    os.environ["SLURM_CONF"] = slurm["SLURM_CONF"]  # submitit's own scancel/sacct calls
+    job = submitit.SlurmJob(folder=tmp_path / "pre/submitit/%j", job_id=job_id)
+    job._interrupt(timeout=True)  # USR2, as SLURM sends it before the time limit
+    wait_for(lambda: sacct_states(job_id, slurm).get(job_id) in ("REQUEUED", "PENDING"), 60, "the requeue")
+    time.sleep(2)  # SLURM holds a requeued job for 120 s; release it early
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+
+    done = launch("--status", "pre", "--runs", str(tmp_path), "--wait", env=slurm)
+    assert done.returncode == 0, done.stdout[-3000:]
+    log = "".join(p.read_text() for p in (tmp_path / "pre/submitit").rglob("*_log.out"))
+    assert "stopped by signal SIGUSR2" in log and "resuming resnet9_tiny" in log
+    a = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    b = torch.load(reference / "checkpoints/last.pt", weights_only=True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+
+
+@pytest.mark.slow
+def test_failed_job_shows_its_traceback_and_fails_the_launch(slurm, beton_dir, tmp_path):
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--sweep", "bad", "--runs", str(tmp_path), "--wait",
+               f"data.dir={beton_dir}", "optim.lr=1e9", env=slurm)
+    assert r.returncode == 1
+    assert "resnet9_tiny (job" in r.stdout and "failed:" in r.stdout
+    assert "Traceback" in r.stdout and "non-finite training loss" in r.stdout
+    assert "not finished: resnet9_tiny" in r.stdout
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script(slurm, beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**slurm, "CONFIG": str(REPO / "jobs/configs/tiny.yaml"), "RUN_DIR": str(run_dir)}
+    r = subprocess.run(["sbatch", "--parsable", "-p", "debug", "--gpus-per-node=0", "--ntasks-per-node=1",
+                        "--cpus-per-task=1", "-o", str(tmp_path / "slurm-%j.out"), str(REPO / "slurm/train.sbatch"),
+                        f"data.dir={beton_dir}", "data.train_subset=256", "data.test_subset=256", "train.epochs=1",
+                        "logging.mode=disabled"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().split(";")[0]
+    wait_for(lambda: sacct_states(job_id, slurm).get(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
+    assert sacct_states(job_id, slurm)[job_id] == "COMPLETED", (tmp_path / f"slurm-{job_id}.out").read_text()[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 1
