@@ -365,23 +365,6 @@ def _terminal(e: dict) -> bool:
     return e["finished"] or e["state"] not in ACTIVE_STATES | {"RUNNING?", "UNKNOWN", "NOT SUBMITTED"}
 
 
-def comparison(sweep_dir: Path) -> str:
-    """The finished runs beside the seed's table (jobs/report.py writes the full report)."""
-    seed = {"ResNet": 93.19, "EfficientNet": 92.65, "MobileNet": 90.75, "MobileNetBig": 90.10,
-            "Inception+BN": 89.87, "VGG+BN": 86.58, "AlexNet": 77.53}
-    rows = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
-        s = json.loads(summary_path.read_text())
-        row = models.spec(s["arch"]).seed_row
-        rows.append((s["best_test_acc"], s["arch"], s["params"] / 1e6, s["best_epoch"], s["train_acc"], s["gap"],
-                     seed.get(row)))
-    lines = ["| arch | test acc % | seed % | Δ | params M | best epoch | train acc % | gap |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for acc, arch, params, epoch, train_acc, gap, seed_acc in sorted(rows, reverse=True):
-        delta = f"{acc - seed_acc:+.2f}" if seed_acc is not None else "-"
-        lines.append(f"| {arch} | {acc:.2f} | {seed_acc if seed_acc is not None else '-'} | {delta} | {params:.1f} | {epoch} | {train_acc:.2f} | {gap:.2f} |")
-    return "\n".join(lines)
-
-
 def wait(sweep_dir: Path, poll_s: float = 5.0) -> int:
     """Blocks until every job of the sweep has ended, showing progress; 1 if any failed."""
     last = None
@@ -395,7 +378,15 @@ def wait(sweep_dir: Path, poll_s: float = 5.0) -> int:
             break
         time.sleep(poll_s)
     print()
-    print(comparison(sweep_dir))
+    try:  # the comparison with the seed's table, report.md/.csv, plots, the W&B report run
+        from trainer.report import make_report
+
+        # Deployment figures and the ensemble run models on this machine (a login node, often a
+        # CPU): jobs/report.py measures them where it is run.
+        make_report(sweep_dir, deploy=False, use_ensemble=False)
+    except Exception as error:  # the jobs' outcome decides the exit code, not a failed report
+        reason = (str(error).splitlines() or [""])[0]
+        print(f"warning: the sweep report failed ({type(error).__name__}: {reason}); retry: python jobs/report.py {sweep_dir}")
     failed = [e["arch"] for e in entries if not e["finished"]]
     if failed:
         print(f"\nnot finished: {', '.join(failed)}")
