@@ -201,3 +201,16 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "disabled"
     assert resolve_wandb_mode("offline") == "offline"
+
+
+def test_time_budget_stops_after_the_epoch_that_passes_it_with_a_summary(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    r = trainer(*small(beton_dir, "train.epochs=3", "train.time_budget_s=0.001"), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "time budget reached" in r.stdout and "stopping after epoch 1 of 3" in r.stdout
+    assert [m["epoch"] for m in metrics(run_dir)] == [1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["stopped_early"] is True
+    assert summary["wall_time_s"] >= 0.001
+    bad = trainer("--config", str(TINY), "--run-dir", str(tmp_path / "bad"), "train.time_budget_s=-1")
+    assert bad.returncode == 1 and "time_budget_s: must not be negative" in bad.stderr

@@ -49,6 +49,10 @@ class DataConfig:
     channels_last: bool = True  # NHWC batches: faster convolutions on GPUs and on the CPU
     train_subset: int = 0  # train on the first N images only (0 = all 50,000): smoke runs
     test_subset: int = 0  # evaluate on the first N test images only (0 = all 10,000)
+    # ffcv: decoded and augmented by ffcv's worker threads each epoch (trainer/data/loaders.py).
+    # resident: the whole set read once onto the training device, augmented there batch-wise with
+    # seeded torch ops, so a resumed epoch replays its augmentations too (trainer/data/resident.py).
+    loader: Literal["ffcv", "resident"] = "ffcv"
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "num_workers")
@@ -93,10 +97,11 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     tta: bool = False  # average predictions over the image and its mirror at test time
     threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
+    time_budget_s: float = 0.0  # stop after the epoch that passes this much training time (0 = no limit); the run still ends with its summary
 
     def __post_init__(self) -> None:
         _positive(self, "epochs")
-        _non_negative(self, "patience", "threads")
+        _non_negative(self, "patience", "threads", "time_budget_s")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
 

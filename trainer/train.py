@@ -256,7 +256,7 @@ class Trainer:
         cfg, device = self.cfg, self.d.device
         net = self.ddp or self.compiled
         net.train()
-        self.train_loader.loader.next_epoch = self.epoch  # this epoch's order, also after a resume
+        self.train_loader.set_epoch(self.epoch)  # this epoch's order, also after a resume
         skip = self.epoch_step
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         window = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, count since last log
@@ -388,6 +388,10 @@ class Trainer:
                 )
                 if cfg.train.patience and self.bad_epochs >= cfg.train.patience:
                     logger.info(f"early stopping: no better test accuracy for {cfg.train.patience} epochs")
+                    break
+                if cfg.train.time_budget_s and self.elapsed_s >= cfg.train.time_budget_s:
+                    logger.info(f"time budget reached: {self.elapsed_s:.0f} s of training >= train.time_budget_s="
+                                f"{cfg.train.time_budget_s:g}; stopping after epoch {self.epoch} of {cfg.train.epochs}")
                     break
                 if self.stop_after_epoch is not None and self.epoch >= self.stop_after_epoch:
                     raise Stopped(f"stopped after epoch {self.epoch} as asked; run again to resume")

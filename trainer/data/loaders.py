@@ -5,6 +5,7 @@ Train: RANDOM order, flip / translate / cutout as configured, sharded across ran
 a disjoint slice of its own (see `_test_indices`). Both normalise with the CIFAR-10 mean/std,
 hand out NCHW tensors (channels_last in memory if configured) of the configured dtype with int64
 labels, and move batches to CUDA inside the ffcv pipeline when the device is a GPU.
+`data.loader: resident` swaps in trainer/data/resident.py behind the same `build_loaders`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ import torch.distributed as dist
 from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data.cifar10 import MEAN, STD
+
+if TYPE_CHECKING:
+    from trainer.data.resident import ResidentLoader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Cutout and translate fill with the mean colour, so the filled area is zero after normalisation.
@@ -40,6 +45,11 @@ class CifarLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Play `epoch`'s order next (ffcv shuffles with seed + epoch); the trainer calls it before
+        each epoch, also when resuming in the middle of one."""
+        self.loader.next_epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
@@ -128,8 +138,15 @@ def build_loaders(
     device: torch.device | str = "cpu",
     seed: int = 0,
     threads: int | None = None,
-) -> tuple[CifarLoader, CifarLoader]:
-    """(train, test) loaders for this process; sharded by rank when a process group is up."""
+) -> tuple[CifarLoader, CifarLoader] | tuple[ResidentLoader, ResidentLoader]:
+    """(train, test) loaders for this process; sharded by rank when a process group is up.
+
+    `cfg.loader` picks the kind: ffcv (below) or resident (trainer/data/resident.py); both hand out
+    the same batches in the same form and have the same interface."""
+    if cfg.loader == "resident":
+        from trainer.data.resident import build_resident_loaders
+
+        return build_resident_loaders(cfg, device, seed, threads)
     from ffcv.loader import Loader, OrderOption
 
     device = torch.device(device)

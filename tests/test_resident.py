@@ -1,0 +1,259 @@
+"""The device-resident loader (data.loader=resident) against the FFCV loader, on the real CIFAR-10 copy:
+the same tensors bit for bit, seeded shuffles and shards, batch-wise augmentation, and exact resume."""
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from trainer.config import DataConfig
+from trainer.data.cifar10 import read_split
+from trainer.data.loaders import build_loaders
+from trainer.data.resident import PixelTable, ResidentLoader, epoch_order, pixel_indices, pixel_table
+
+TINY = REPO / "jobs/configs/tiny.yaml"
+SPEED = REPO / "jobs/configs/speed.yaml"
+
+
+def _both(beton_dir: Path, **kw) -> tuple:
+    """(ffcv train, ffcv test, resident train, resident test) for the same config."""
+    cfg = DataConfig(dir=str(beton_dir), num_workers=2, **kw)
+    return (*build_loaders(cfg, threads=2), *build_loaders(dataclasses.replace(cfg, loader="resident"), threads=2))
+
+
+def _rows(x: torch.Tensor) -> list[bytes]:
+    """Each image's bytes, sorted: the multiset of images in a batch or an epoch."""
+    x = x.contiguous()
+    return sorted(x[i].numpy().tobytes() if x.dtype != torch.bfloat16 else x[i].view(torch.int16).numpy().tobytes()
+                  for i in range(x.shape[0]))
+
+
+@pytest.mark.parametrize("dtype, channels_last", [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_test_split_is_bitwise_the_ffcv_loaders(beton_dir, dtype, channels_last):
+    _, ffcv_test, _, test = _both(beton_dir, batch_size=1000, dtype=dtype, channels_last=channels_last,
+                                  test_subset=2500, train_subset=1000)
+    assert len(test) == len(ffcv_test) == 3 and test.num_samples == ffcv_test.num_samples == 2500
+    n = 0
+    for (xa, ya), (xb, yb) in zip(ffcv_test, test, strict=True):
+        assert xb.dtype == xa.dtype and xb.shape == xa.shape and xb.stride() == xa.stride()
+        assert yb.dtype == torch.int64
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        n += len(yb)
+    assert n == 2500
+
+
+def test_train_epoch_without_augmentation_is_the_subset(beton_dir, cifar_source):
+    ffcv_train, _, train, _ = _both(beton_dir, batch_size=100, flip=False, translate=0, cutout=0, train_subset=1000,
+                                    test_subset=100)
+    assert len(train) == len(ffcv_train) == 10 and train.num_samples == 1000
+    ours = [(x, y) for x, y in train]
+    theirs = [(x.clone(), y.clone()) for x, y in ffcv_train]
+    x, y = torch.cat([b[0] for b in ours]), torch.cat([b[1] for b in ours])
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert _rows(x) == _rows(torch.cat([b[0] for b in theirs]))
+    # And the images are exactly the subset's, each once, with its own label.
+    source = read_split(cifar_source, "train")
+    reference = _images(pixel_table(torch.from_numpy(source.images[:1000]), torch.float32))
+    assert _rows(x) == _rows(reference.permute(0, 3, 1, 2))
+    by_image = {img: label for img, label in zip(_rows_unsorted(reference.permute(0, 3, 1, 2)), source.labels[:1000])}
+    assert [by_image[img] for img in _rows_unsorted(x)] == y.tolist()
+
+
+def _rows_unsorted(x: torch.Tensor) -> list[bytes]:
+    x = x.contiguous()
+    return [x[i].numpy().tobytes() for i in range(x.shape[0])]
+
+
+def test_epoch_order_shards_reshuffles_and_repeats():
+    n, batch = 1050, 100
+    shards = [epoch_order(n, batch, seed=3, epoch=0, rank=r, world=2) for r in range(2)]
+    assert [len(s) for s in shards] == [500, 500]  # whole batches, equal steps per rank
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    assert set(torch.cat(shards).tolist()) <= set(range(n))
+    whole = epoch_order(n, batch, seed=3, epoch=0)
+    assert len(set(whole.tolist())) == 1000  # one rank: all but the last partial batch
+    assert torch.equal(epoch_order(n, batch, seed=3, epoch=0, rank=1, world=2), shards[1])  # same (seed, epoch)
+    assert not torch.equal(epoch_order(n, batch, seed=3, epoch=1), whole)  # reshuffled by epoch
+    assert not torch.equal(epoch_order(n, batch, seed=4, epoch=0), whole)  # and by seed
+    # With no remainder the two ranks together cover the epoch exactly.
+    both = [epoch_order(1000, batch, seed=0, epoch=5, rank=r, world=2) for r in range(2)]
+    assert sorted(torch.cat(both).tolist()) == list(range(1000))
+
+
+def _images(table: PixelTable) -> torch.Tensor:
+    """All of a table's images, unaugmented, NHWC."""
+    return table.gather(pixel_indices(table, torch.arange(table.images)))
+
+
+def _table(n: int, pad: int = 0) -> PixelTable:
+    """A float32 pixel table of n random images."""
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return pixel_table(images, torch.float32, pad)
+
+
+def test_table_holds_the_normalised_images_and_fill():
+    from trainer.data.cifar10 import MEAN, STD
+
+    images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    table = pixel_table(images, torch.bfloat16, pad=2)
+    mean, std = torch.tensor([255 * m for m in MEAN]), torch.tensor([255 * s for s in STD])
+    assert torch.equal(_images(table), ((images.float() - mean) / std).to(torch.bfloat16))
+    rows = table.pixels.view(5 * 32 + 1, 36, 3)
+    fill = ((torch.tensor([125, 123, 114]).float() - mean) / std).to(torch.bfloat16)
+    assert (rows[:, :2] == fill).all() and (rows[:, -2:] == fill).all() and (rows[-1] == fill).all()
+
+
+def test_flip_when_forced_mirrors_exactly():
+    table = _table(8)
+    flipped = table.gather(pixel_indices(table, torch.arange(8), torch.Generator().manual_seed(1), flip=1.0))
+    assert torch.equal(flipped, _images(table).flip(2))
+
+
+def test_cutout_fills_one_square_with_the_mean():
+    table = _table(64)
+    index = pixel_indices(table, torch.arange(64), torch.Generator().manual_seed(2), cutout=8)
+    cut = index == table.fill_row * table.width
+    assert (cut.sum(dim=(1, 2)) == 64).all()  # always fully inside the image
+    for mask in cut:
+        rows, cols = mask.any(1).nonzero().view(-1), mask.any(0).nonzero().view(-1)
+        assert len(rows) == len(cols) == 8 and rows[-1] - rows[0] == 7 and cols[-1] - cols[0] == 7
+    x = table.gather(index)
+    assert (x[cut].abs() < 0.02).all()  # the mean colour normalises to about zero
+    assert len({(m.any(1).nonzero()[0].item(), m.any(0).nonzero()[0].item()) for m in cut}) > 20  # placed at random
+
+
+def test_translate_shifts_content_and_fills_the_border():
+    t = 3
+    table = _table(32, pad=t)
+    x = table.gather(pixel_indices(table, torch.arange(32), torch.Generator().manual_seed(3), translate=t))
+    source = _images(table)
+    padded = table.pixels[-1].expand(32, 32 + 2 * t, 32 + 2 * t, 3).clone()
+    padded[:, t : t + 32, t : t + 32] = source
+    shifts = []
+    for i in range(32):
+        matches = [(dy, dx) for dy in range(-t, t + 1) for dx in range(-t, t + 1)
+                   if torch.equal(x[i], padded[i, t + dy : t + dy + 32, t + dx : t + dx + 32])]
+        assert len(matches) == 1, f"image {i} is no shift of its source"
+        shifts.append(matches[0])
+    assert len(set(shifts)) > 10  # drawn from all (2t + 1)^2 shifts
+
+
+def test_augmentation_is_reproducible_per_seed_epoch_and_step(beton_dir):
+    cfg = DataConfig(dir=str(beton_dir), batch_size=200, num_workers=2, flip=True, translate=4, cutout=8,
+                     train_subset=1000, test_subset=200, loader="resident")
+    train, _ = build_loaders(cfg, seed=7, threads=2)
+    train.set_epoch(3)
+    first = [(x.clone(), y.clone()) for x, y in train]
+    train.set_epoch(3)
+    again = [(x.clone(), y.clone()) for x, y in train]  # what a resumed epoch 3 replays
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    other = [x.clone() for x, _ in train]  # epoch 4: new order and new augmentations
+    assert not torch.equal(first[0][0], other[0])
+    # The same images as the unaugmented epoch, changed: cutout squares of the mean colour (zero).
+    zero = (torch.cat([b[0] for b in first]).abs() < 0.02).all(dim=1).sum(dim=(1, 2))
+    assert (zero >= 64).float().mean() > 0.95
+    plain, _ = build_loaders(dataclasses.replace(cfg, flip=False, translate=0, cutout=0), seed=7, threads=2)
+    plain.set_epoch(3)
+    unaugmented = [(x.clone(), y.clone()) for x, y in plain]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, unaugmented))  # same order, same labels
+    assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, unaugmented))
+    # A fresh loader with the same seed draws the same; another seed draws differently.
+    same, _ = build_loaders(cfg, seed=7, threads=2)
+    same.set_epoch(3)
+    assert torch.equal(next(iter(same))[0], first[0][0])
+    different, _ = build_loaders(cfg, seed=8, threads=2)
+    different.set_epoch(3)
+    assert not torch.equal(next(iter(different))[0], first[0][0])
+
+
+def test_ranks_get_disjoint_shards(beton_dir):
+    cfg = DataConfig(dir=str(beton_dir), batch_size=100, num_workers=2, flip=False, translate=0, train_subset=1000,
+                     test_subset=100, loader="resident")
+    train, _ = build_loaders(cfg, threads=2)
+    shards = []
+    for rank in range(2):
+        loader = ResidentLoader(train.table, train.labels, cfg, train=True, seed=0, rank=rank, world=2)
+        assert len(loader) == 5 and loader.num_samples == 500
+        shards.append([_rows_unsorted(x) for x, _ in loader])
+    a, b = (set(sum(s, [])) for s in shards)
+    assert len(a) == len(b) == 500 and not a & b
+    assert a | b == set(_rows_unsorted(_images(train.table).permute(0, 3, 1, 2)))
+
+
+# ---- through the trainer ------------------------------------------------------------------------
+
+
+def _small(beton_dir: Path, *extra: str) -> list[str]:
+    """tiny.yaml shrunk to seconds on the resident loader, with every augmentation on: 20 steps an
+    epoch, 2 epochs; one thread, which keeps a busy 2-core machine from slowing it tenfold."""
+    return [
+        "--config", str(TINY), f"data.dir={beton_dir}", "data.loader=resident", "data.train_subset=2000",
+        "data.test_subset=200", "data.batch_size=100", "data.flip=true", "data.translate=2", "data.cutout=8",
+        "train.epochs=2", "train.ema=0.9", "train.threads=1", "logging.mode=disabled", "logging.log_every=2", *extra,
+    ]
+
+
+def _trainer(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _weights(run_dir: Path) -> dict:
+    state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_with_augmentation_is_exact(beton_dir, tmp_path):
+    whole = tmp_path / "whole"
+    r = _trainer(*_small(beton_dir), "--run-dir", str(whole))
+    assert r.returncode == 0, r.stderr
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *_small(beton_dir), "--run-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # into epoch 2's steps (20 of them), past the end-of-epoch stop check
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopped by signal SIGUSR2" in out
+    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert stopped["epoch"] == 1 and 0 < stopped["epoch_step"] < 20, "the stop was meant to fall inside epoch 2"
+
+    again = _trainer("--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert f"from epoch 2, step {stopped['epoch_step']}" in again.stdout
+    a, b = _weights(run_dir), _weights(whole)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [m["test_acc"] for m in rows] == [m["test_acc"] for m in whole_rows]
+
+
+@pytest.mark.slow
+def test_speed_profile_runs_one_epoch_on_a_subset(beton_dir, tmp_path):
+    from trainer.config import load_config
+
+    cfg = load_config(SPEED)
+    assert cfg.model.arch == "resnet9" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.ema
+    run_dir = tmp_path / "speed"
+    r = _trainer("--config", str(SPEED), "--run-dir", str(run_dir), f"data.dir={beton_dir}", "data.train_subset=128",
+                 "data.test_subset=128", "data.batch_size=64", "train.epochs=1", "logging.mode=disabled",
+                 "logging.log_every=1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["arch"] == "resnet9"
+    assert np.isfinite([m["train_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]).all()
