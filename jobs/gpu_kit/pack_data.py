@@ -156,11 +156,9 @@ def _fidelity(parts: list[dict]) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
 
 
 def pack(source: Path, out: Path, limit: int | None = None, workers: int | None = None, preset: int = 6) -> dict:

@@ -130,11 +130,9 @@ def read_split(source: Path, split: str) -> Split:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
 
 
 def _describe(paths: list[Path]) -> dict:
