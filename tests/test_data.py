@@ -1,4 +1,5 @@
-"""CIFAR-10 -> .beton conversion and the FFCV loaders, on the real shared CIFAR-10 and real ffcv."""
+"""CIFAR-10 -> .beton conversion and the FFCV loaders, with real ffcv, on a synthetic CIFAR-10 in the
+official layout (conftest) and, where it is present, the real one."""
 
 import json
 import os
@@ -13,7 +14,9 @@ from conftest import run_cli
 from trainer.config import DataConfig
 from trainer.data import cifar10
 from trainer.data.cifar10 import MEAN, STD, prepare, read_split
-from trainer.data.loaders import _test_indices, build_loaders
+from trainer.data import build_loaders
+from trainer.data.common import shard_indices
+from trainer.distributed import Dist
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +41,16 @@ def test_prepare_counts_per_class(beton_dir):
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
 
-    for split, per_class in (("train", 5000), ("test", 1000)):
+    for split, per_class in (("train", 500), ("test", 100)):
         loader = Loader(
-            str(beton_dir / f"{split}.beton"), batch_size=5000, num_workers=1, order=OrderOption.SEQUENTIAL,
+            str(beton_dir / f"{split}.beton"), batch_size=5000, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
             pipelines={"image": None, "label": [IntDecoder()]},
         )
         labels = np.concatenate([np.array(y, copy=True).ravel() for (y,) in loader])
         assert len(labels) == 10 * per_class
         assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
     record = json.loads((beton_dir / cifar10.SIDECAR).read_text())
-    assert record["counts"]["train"] == [5000] * 10 and record["counts"]["test"] == [1000] * 10
+    assert record["counts"]["train"] == [500] * 10 and record["counts"]["test"] == [100] * 10
     assert record["label_names"][:2] == ["airplane", "automobile"]
 
 
@@ -56,7 +59,7 @@ def test_train_pixels_exact_through_sequential_loader(beton_dir, cifar_source):
     from ffcv.loader import Loader, OrderOption
 
     source = read_split(cifar_source, "train")
-    sample = np.random.default_rng(0).choice(50_000, size=2_000, replace=False)
+    sample = np.random.default_rng(0).choice(len(source), size=2_000, replace=False)
     sample.sort()  # SEQUENTIAL walks the given indices in order
     loader = Loader(
         str(beton_dir / "train.beton"), batch_size=500, num_workers=1, order=OrderOption.SEQUENTIAL,
@@ -72,7 +75,7 @@ def test_train_pixels_exact_through_sequential_loader(beton_dir, cifar_source):
 
 def test_test_loader_yields_source_exactly(beton_dir, source_test):
     cfg = DataConfig(dir=str(beton_dir), batch_size=1000, num_workers=2, dtype="float32")
-    _, test = build_loaders(cfg, threads=2)
+    _, test = build_loaders(cfg, Dist.single(), threads=2)
     xs, ys = [], []
     for x, y in test:
         assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -86,7 +89,7 @@ def test_test_loader_yields_source_exactly(beton_dir, source_test):
 
 def test_train_loader_augments_and_casts(beton_dir):
     cfg = DataConfig(dir=str(beton_dir), batch_size=250, num_workers=2, cutout=12, dtype="bfloat16", train_subset=1000)
-    train, _ = build_loaders(cfg, threads=1)
+    train, _ = build_loaders(cfg, Dist.single(), threads=1)
     assert len(train) == 4 and train.num_samples == 1000
     batches = [(x.clone(), y.clone()) for x, y in train]
     x = torch.cat([b[0] for b in batches])
@@ -212,9 +215,9 @@ def test_changed_source_is_converted_again(broken_source, good_out, cifar_source
     assert not cifar10.is_current(good_out, broken_source)
 
 
-def test_test_indices_partition():
+def test_shard_indices_partition():
     for n, world in ((10_000, 2), (1001, 2), (10_000, 3), (7, 4)):
-        shards = [_test_indices(n, r, world) for r in range(world)]
+        shards = [shard_indices(n, r, world) for r in range(world)]
         np.testing.assert_array_equal(np.concatenate(shards), np.arange(n))
 
 
@@ -225,8 +228,8 @@ def _rank_main(rank: int, world: int, data_dir: str, out: str, port: int) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = DataConfig(dir=data_dir, batch_size=100, num_workers=1, flip=False, translate=0,
-                         train_subset=2000, test_subset=1001)
-        train, test = build_loaders(cfg, threads=1)
+                         train_subset=2000, test_subset=999)
+        train, test = build_loaders(cfg, Dist(rank, rank, world, torch.device("cpu")), threads=1)
         test_x = np.concatenate([_denormalise(x) for x, _ in test])
         epochs = [np.concatenate([_denormalise(x) for x, _ in train]) for _ in range(2)]
         np.savez(f"{out}/rank{rank}.npz", test=test_x, epoch0=epochs[0], epoch1=epochs[1])
@@ -246,9 +249,9 @@ def test_loaders_shard_under_two_process_gloo_group(beton_dir, source_test, tmp_
     mp.spawn(_rank_main, args=(2, str(beton_dir), str(tmp_path), port), nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
 
-    # Test shards: disjoint, and together exactly the (odd-sized) test set, nothing repeated.
-    assert len(ranks[0]["test"]) + len(ranks[1]["test"]) == 1001
-    np.testing.assert_array_equal(np.concatenate([r["test"] for r in ranks]), source_test.images[:1001])
+    # Test shards: disjoint, and together exactly the (odd-sized) test subset, nothing repeated.
+    assert len(ranks[0]["test"]) + len(ranks[1]["test"]) == 999
+    np.testing.assert_array_equal(np.concatenate([r["test"] for r in ranks]), source_test.images[:999])
 
     # Train shards: each rank half of the subset per epoch, disjoint, and reshuffled between epochs.
     key = lambda images: {img.tobytes() for img in images}  # CIFAR-10 has no duplicate images

@@ -1,5 +1,5 @@
 """jobs/launch.py against a real single-node SLURM cluster (slurmctld, slurmd, slurmdbd, MariaDB,
-munge) that slurm/cluster.sh starts, and against submitit's local executor."""
+munge) that slurm/devcluster/cluster.sh starts, and against submitit's local executor."""
 
 import json
 import os
@@ -11,24 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, SMALL_RUN
 
 LAUNCH = REPO / "jobs/launch.py"
-# Seconds-long training, augmentation off so that weights can be compared bit for bit.
-SHORT = ["data.train_subset=3000", "data.test_subset=500", "data.batch_size=100", "data.flip=false",
-         "data.translate=0", "train.epochs=3", "train.ema=0.9", "logging.mode=disabled", "logging.log_every=2"]
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    """Environment for talking to the local cluster; starts it (and stops it after) if it is down."""
-    was_up = subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "status"], capture_output=True).returncode == 0
-    r = subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "start"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    conf = r.stdout.strip().split("SLURM_CONF=", 1)[1].strip().strip("'\"")
-    yield {**os.environ, "SLURM_CONF": conf}
-    if not was_up:
-        subprocess.run(["bash", str(REPO / "slurm/cluster.sh"), "stop"], capture_output=True, timeout=120)
 
 
 def launch(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -140,11 +125,11 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_
 
     reference = tmp_path / "reference"
     r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--run-dir",
-                        str(reference), f"data.dir={beton_dir}", *SHORT], cwd=REPO, capture_output=True, text=True)
+                        str(reference), f"data.dir={beton_dir}", *SMALL_RUN], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
     r = launch("--arch", "resnet9_tiny", "--sweep", "pre", "--runs", str(tmp_path), "-C", "time_min=30",
-               f"data.dir={beton_dir}", *SHORT, env=slurm)
+               f"data.dir={beton_dir}", *SMALL_RUN, env=slurm)
     assert r.returncode == 0, r.stderr
     job_id = sweep_record(tmp_path, "pre")["jobs"]["resnet9_tiny"]["job_id"]
     run_dir = tmp_path / "pre/resnet9_tiny"

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from trainer import models
-from trainer.models.__main__ import count_params, within_target
+from trainer.models.__main__ import within_target
+from trainer.models.flops import count_params
 
 NAMES = models.names()
 REPO_ROOT = Path(__file__).resolve().parents[1]

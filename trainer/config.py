@@ -77,7 +77,9 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4  # not applied to BatchNorm weights and biases
     label_smoothing: float = 0.1
-    schedule: Literal["onecycle", "cosine"] = "cosine"  # per-iteration decay after the warmup
+    # Per-iteration decay after the warmup: cosine, or triangle (linear down to zero; with the linear
+    # warmup the learning rate draws a triangle, as in Page's and airbench's schedules).
+    schedule: Literal["triangle", "cosine"] = "cosine"
     warmup_epochs: float = 2.0  # linear warmup from zero, per iteration
 
     def __post_init__(self) -> None:
@@ -196,6 +198,12 @@ def _type_name(tp: Any) -> str:
     )
 
 
+# Old spellings of choices, kept only to name the new one in the error.
+RENAMED_VALUES = {
+    "onecycle": "triangle",  # linear warm-up then linear decay, fixed momentum: not torch's OneCycleLR
+}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     ok: bool
@@ -208,6 +216,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         ok = False
     elif origin is Literal:
         ok = value in typing.get_args(tp)
+        renamed = RENAMED_VALUES.get(value) if isinstance(value, str) else None
+        if not ok and renamed in typing.get_args(tp):
+            raise ConfigError(f"{key}: '{value}' is now called '{renamed}'")
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -31,6 +31,11 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> Dist:
+        """One process on its own: for tools (the report, the bench) that are not distributed."""
+        return cls(0, 0, 1, torch.device(device))
+
 
 def _export_slurm_env() -> None:
     """Inside an srun step with several tasks and no torch variables, derive them from SLURM's."""
@@ -81,11 +86,3 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)"

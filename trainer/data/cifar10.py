@@ -32,7 +32,7 @@ URL_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive's, as publi
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 META_FILE = "batches.meta"
-SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+CASES_PER_BATCH = 10_000  # the official files': 5 x 10,000 training and 10,000 test images
 NUM_CLASSES = 10
 IMAGE_BYTES = 3 * 32 * 32
 # Per-channel statistics of the official training set, on the [0, 1] scale.
@@ -119,13 +119,26 @@ def read_meta(source: Path) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
+def cases_per_batch(source: Path) -> int:
+    """The images each batch file holds, as batches.meta declares it (10,000 in the official files;
+    smaller in a test set made in the same layout)."""
+    declared = _unpickle(source / META_FILE).get("num_cases_per_batch", CASES_PER_BATCH)
+    if not isinstance(declared, int) or declared < 1:
+        raise DataError(f"{source / META_FILE}: malformed: num_cases_per_batch is {declared!r}")
+    return declared
+
+
 def read_split(source: Path, split: str) -> Split:
+    """The split's batch files in order, each checked to hold the declared number of images, so a
+    short file is named instead of silently shrinking the data set."""
     files = TRAIN_FILES if split == "train" else TEST_FILES
+    expected = cases_per_batch(source)
     parts = [read_batch(source / name) for name in files]
+    for name, (_, labels) in zip(files, parts):
+        if len(labels) != expected:
+            raise DataError(f"{source / name}: holds {len(labels)} images; batches.meta declares {expected} per batch")
     images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     labels = np.concatenate([p[1] for p in parts])
-    if len(labels) != SPLIT_SIZES[split]:
-        raise DataError(f"{source}: {split} split has {len(labels)} images, expected {SPLIT_SIZES[split]}")
     return Split(images, labels)
 
 

@@ -18,7 +18,7 @@ seeded with (seed, epoch), and each batch's flips, shifts and squares from one s
 augmentations, and an interrupted run ends with the same weights as an uninterrupted one even with
 augmentation on. Under DDP every rank computes the same permutation and takes its own slice of it
 (drop_last, as the FFCV train loader: equal steps on every rank). The test split is read in order,
-sharded with the FFCV loader's `_test_indices`, and never augmented.
+sharded with common.shard_indices, and never augmented.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data.cifar10 import MEAN, STD
-from trainer.data.loaders import DTYPES, MEAN_PIXEL, _rank_world, _test_indices, check_data_dir, default_threads
+from trainer.data.common import DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, shard_indices
+from trainer.distributed import Dist
 
 SIDE = 32  # CIFAR images are SIDE x SIDE x 3
 _ORDER, _AUGMENT = 0, 1  # the purposes random streams are derived for (see _seed)
@@ -177,8 +178,8 @@ def pixel_indices(
 
 
 class ResidentLoader:
-    """Batches of (images, labels) gathered from a PixelTable on the device: the same interface
-    as the FFCV CifarLoader (`__iter__`, `__len__`, `num_samples`, `set_epoch`).
+    """Batches of (images, labels) gathered from a PixelTable on the device (a BatchLoader, as
+    the FFCVLoader).
 
     train=True: a seeded permutation per epoch, this rank's slice of it, whole batches only,
     augmented as configured. train=False: `indices` in order, the last batch may be short.
@@ -215,16 +216,14 @@ class ResidentLoader:
             self.num_samples = len(self.indices)
 
     def set_epoch(self, epoch: int) -> None:
-        """Play `epoch`'s order (and augmentations) next; the trainer calls it before each epoch,
-        also when resuming in the middle of one."""
-        self.next_epoch = epoch
+        self.next_epoch = epoch  # its order and its augmentations
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.threads:
-            torch.set_num_threads(self.threads)  # as CifarLoader: undo whatever ffcv last set
+            torch.set_num_threads(self.threads)  # as FFCVLoader: undo whatever ffcv last set
         epoch = self.next_epoch
         self.next_epoch += 1
         return self._batches(epoch)
@@ -249,16 +248,13 @@ class ResidentLoader:
 
 
 def build_resident_loaders(
-    cfg: DataConfig,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    threads: int | None = None,
+    cfg: DataConfig, group: Dist, seed: int = 0, threads: int | None = None
 ) -> tuple[ResidentLoader, ResidentLoader]:
-    """(train, test) resident loaders for this process; sharded by rank when a process group is up."""
-    device = torch.device(device)
+    """(train, test) resident loaders for this process, sharded by the group's rank."""
+    device = group.device
     data_dir = check_data_dir(cfg.dir)
     threads = threads or default_threads()
-    rank, world = _rank_world()
+    rank, world = group.rank, group.world_size
     dtype = DTYPES[cfg.dtype]
 
     def load(name: str, subset: int, pad: int) -> tuple[PixelTable, torch.Tensor]:
@@ -267,11 +263,9 @@ def build_resident_loaders(
         return pixel_table(images.to(device), dtype, pad), labels.to(device)
 
     train_table, train_labels = load("train.beton", cfg.train_subset, cfg.translate)
-    n_train = train_labels.shape[0]
-    if cfg.batch_size * world > n_train:
-        raise UserError(f"data.batch_size={cfg.batch_size} x {world} ranks exceeds the {n_train} training images")
+    check_batch_size(cfg.batch_size, world, train_labels.shape[0])
     test_table, test_labels = load("test.beton", cfg.test_subset, 0)
-    test_indices = torch.from_numpy(_test_indices(test_labels.shape[0], rank, world).astype(np.int64))
+    test_indices = torch.from_numpy(shard_indices(test_labels.shape[0], rank, world).astype(np.int64))
     train = ResidentLoader(train_table, train_labels, cfg, train=True, seed=seed, rank=rank, world=world, threads=threads)
     test = ResidentLoader(test_table, test_labels, cfg, train=False, indices=test_indices, threads=threads)
     return train, test

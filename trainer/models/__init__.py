@@ -5,6 +5,8 @@
     models.names()        # every registered name, sorted
     models.seed_names()   # the networks of the seed's comparison table
     models.REGISTRY["resnet"].params_target  # 21.2 (millions)
+    models.parse_names("resnet,vgg_bn", "--arch")  # a command line's list, checked
+    models.seed_row("resnet")  # ("ResNet", SeedRow(test_acc=93.19, ...))
 
 The table below is the whole registry: adding a network means writing its
 constructor ``f(num_classes: int = 10) -> nn.Module`` and one ``register`` line.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from trainer import UserError
 from trainer.models import alexnet, efficientnet, inception, mobilenet, resnet, resnet9, vgg
+from trainer.models.seed_table import SEED, SeedRow
 from trainer.models.registry import (
     DuplicateModelError,
     ModelSpec,
@@ -24,27 +28,32 @@ from trainer.models.registry import (
 
 __all__ = [
     "REGISTRY",
+    "SEED",
     "DuplicateModelError",
     "ModelSpec",
     "Registry",
+    "SeedRow",
     "UnknownModelError",
     "build",
     "names",
+    "parse_names",
     "seed_names",
+    "seed_row",
     "spec",
 ]
 
 REGISTRY = Registry()
 
-# name, constructor, seed table row (None: beyond the seed), parameter target in millions.
-REGISTRY.register("alexnet", alexnet.alexnet, seed_row="AlexNet", params_target=3.2)
-REGISTRY.register("vgg_bn", vgg.vgg_bn, seed_row="VGG+BN", params_target=33.6)
-REGISTRY.register("inception_bn", inception.inception_bn, seed_row="Inception+BN", params_target=1.6)
-REGISTRY.register("resnet", resnet.resnet, seed_row="ResNet", params_target=21.2)
-REGISTRY.register("mobilenet", mobilenet.mobilenet, seed_row="MobileNet", params_target=1.0)
-REGISTRY.register("mobilenet_big", mobilenet.mobilenet_big, seed_row="MobileNetBig", params_target=3.2)
-REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="EfficientNet", params_target=17.4)
-# Beyond the seed: its open question on parameter efficiency, and a speed-training profile.
+# The seed's networks: name, constructor, the row of the seed's table (which gives the parameter target).
+REGISTRY.register("alexnet", alexnet.alexnet, seed_row="AlexNet")
+REGISTRY.register("vgg_bn", vgg.vgg_bn, seed_row="VGG+BN")
+REGISTRY.register("inception_bn", inception.inception_bn, seed_row="Inception+BN")
+REGISTRY.register("resnet", resnet.resnet, seed_row="ResNet")
+REGISTRY.register("mobilenet", mobilenet.mobilenet, seed_row="MobileNet")
+REGISTRY.register("mobilenet_big", mobilenet.mobilenet_big, seed_row="MobileNetBig")
+REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="EfficientNet")
+# Beyond the seed (parameter target in millions): its open question on parameter efficiency, and a
+# speed-training profile.
 REGISTRY.register("efficientnet_b0", efficientnet.efficientnet_b0, seed_row=None, params_target=4.0)
 REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5)
 # For CPUs: the network of jobs/configs/tiny.yaml and of the tests that train.
@@ -67,3 +76,20 @@ def seed_names() -> list[str]:
 
 def spec(name: str) -> ModelSpec:
     return REGISTRY.spec(name)
+
+
+def seed_row(name: str) -> tuple[str, SeedRow] | None:
+    """The seed's row this architecture reproduces, or None (an extra network, or an unknown name)."""
+    row = REGISTRY.get(name)
+    return None if row is None or row.seed_row is None else (row.seed_row, SEED[row.seed_row])
+
+
+def parse_names(text: str, option: str) -> list[str]:
+    """A comma-separated list of architectures from a command line, each checked against the registry."""
+    chosen = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not chosen:
+        raise UserError(f"{option}: name at least one architecture; valid: {', '.join(names())}")
+    unknown = [n for n in chosen if n not in REGISTRY]
+    if unknown:
+        raise UserError(f"{option}: unknown architecture(s) {', '.join(unknown)}; valid: {', '.join(names())}")
+    return chosen

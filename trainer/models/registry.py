@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from trainer.models.seed_table import SEED
+
 Constructor = Callable[..., nn.Module]
 
 
@@ -37,7 +39,8 @@ class ModelSpec:
 
     ``seed_row`` is the row of the seed's comparison table this network reproduces
     (None for the extra networks beyond the seed); ``params_target`` is the parameter
-    count, in millions, the implementation is sized to (10 classes, within +-5%).
+    count, in millions, the implementation is sized to (10 classes, within +-5%): the
+    seed's own count for its networks.
     """
 
     name: str
@@ -61,11 +64,19 @@ class Registry(Mapping[str, ModelSpec]):
         name: str,
         constructor: Constructor,
         *,
-        seed_row: str | None,
-        params_target: float,
+        seed_row: str | None = None,
+        params_target: float | None = None,
     ) -> ModelSpec:
+        """A seed network (``seed_row`` given) is sized to the seed table's count; any other
+        network states its ``params_target``."""
         if name in self._specs:
             raise DuplicateModelError(f"model {name!r} is already registered")
+        if (seed_row is None) == (params_target is None):
+            raise ValueError(f"model {name!r}: give seed_row (a row of the seed's table) or params_target, not both")
+        if seed_row is not None:
+            if seed_row not in SEED:
+                raise ValueError(f"model {name!r}: seed_row {seed_row!r} is not a row of the seed's table")
+            params_target = SEED[seed_row].params_m
         spec = ModelSpec(name, constructor, seed_row, float(params_target))
         self._specs[name] = spec
         return spec
