@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from trainer.run_files import read_metrics
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -20,25 +22,25 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.run_dir / "summary.json").is_file():
         sys.exit(f"error: {args.run_dir}/summary.json not found: the run has not finished")
-    s = json.loads((args.run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((args.run_dir / "summary.json").read_text())
+    rows = read_metrics(args.run_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json", "metrics.jsonl", "config.yaml"):
         shutil.copy(args.run_dir / name, args.out / name)
     curve = "\n".join(
         f"| {m['epoch']} | {m['train_acc']:.2f} | {m['test_acc']:.2f} | {m['epoch_s']:.1f} | {m['elapsed_s']:.0f} |" for m in rows
     )
-    (args.out / "README.md").write_text(f"""# {args.out.name}: {s['arch']}, best test accuracy {s['best_test_acc']:.2f}%
+    (args.out / "README.md").write_text(f"""# {args.out.name}: {summary['arch']}, best test accuracy {summary['best_test_acc']:.2f}%
 
-- command: `{s.get('command')}`
-- commit: `{s['git_sha']}`
-- device: {s['device']}, world size {s['world_size']}; torch {s['torch_version']}
-- data: `{s['data']['source_dir']}` converted to `{s['data']['dir']}` (train.beton sha256 `{s['data']['train_sha256']}`)
-- finished: {s['finished_at']}
+- command: `{summary.get('command')}`
+- commit: `{summary['git_sha']}`
+- device: {summary['device']}, world size {summary['world_size']}; torch {summary['torch_version']}
+- data: `{summary['data']['source_dir']}` converted to `{summary['data']['dir']}` (train.beton sha256 `{summary['data']['train_sha256']}`)
+- finished: {summary['finished_at']}
 
 | best test acc % | best epoch | final test acc % | train acc % (best epoch) | gap | epochs | wall time s | params |
 | --- | --- | --- | --- | --- | --- | --- | --- |
-| {s['best_test_acc']:.2f} | {s['best_epoch']} | {s['test_acc']:.2f} | {s['train_acc']:.2f} | {s['gap']:.2f} | {s['epochs_run']} | {s['wall_time_s']:.0f} | {s['params']:,} |
+| {summary['best_test_acc']:.2f} | {summary['best_epoch']} | {summary['test_acc']:.2f} | {summary['train_acc']:.2f} | {summary['gap']:.2f} | {summary['epochs_run']} | {summary['wall_time_s']:.0f} | {summary['params']:,} |
 
 Per epoch (wall time counts training and evaluation, not start-up):
 

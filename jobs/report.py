@@ -2,7 +2,7 @@
 
     python jobs/report.py runs/<sweep> [--no-deploy] [--ensemble a,b | --no-ensemble] [--wandb-mode MODE]
 
-The logic lives in trainer/report.py; --help lists the options.
+The logic lives in trainer/report/ (python -m trainer.report is the same command); --help lists the options.
 """
 
 from trainer.report import main

@@ -97,11 +97,15 @@ def slurm():
 
 
 def pytest_collection_modifyitems(items):
-    # A test that starts the cluster is slow and needs root: mark it so `-m "not slurm"` leaves it out.
+    import torch
+
     for item in items:
+        # A test that starts the cluster is slow and needs root: marked so `-m "not slurm"` leaves it out.
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -77,7 +77,9 @@ def summary(sweep: Path, arch: str) -> dict:
 
 
 def metrics(sweep: Path, arch: str) -> list[dict]:
-    return [json.loads(line) for line in (sweep / arch / "metrics.jsonl").read_text().splitlines()]
+    from trainer.run_files import read_metrics
+
+    return read_metrics(sweep / arch / "metrics.jsonl")
 
 
 def csv_rows(sweep: Path) -> list[dict]:
@@ -172,10 +174,11 @@ def _probabilities(run_dir: Path, beton_dir: Path) -> tuple[torch.Tensor, torch.
     """The run's best.pt over its own test loader, evaluated as the trainer evaluates: softmax, labels."""
     from trainer import models
     from trainer.config import load_config
-    from trainer.data.loaders import build_loaders
+    from trainer.data import build_loaders
+    from trainer.distributed import Dist
 
     cfg = load_config(run_dir / "config.yaml", [f"data.dir={beton_dir}"])
-    _, test = build_loaders(cfg.data, "cpu", 0, 2)
+    _, test = build_loaders(cfg.data, Dist.single("cpu"), 0, 2)
     state = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     net = models.build(state["arch"]).to(memory_format=torch.channels_last)
     net.load_state_dict(state["model"])

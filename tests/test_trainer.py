@@ -1,4 +1,5 @@
-"""The trainer as users run it: real processes, the real CIFAR-10 subset, ffcv, gloo DDP, offline W&B."""
+"""The trainer as users run it: real processes, the test CIFAR-10 (conftest), ffcv, gloo DDP, offline W&B;
+then its parts (checkpoint, schedule, evaluation) on their own."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, SMALL_RUN
 from wandb_records import config as wandb_config
 from wandb_records import history, read_records
 
@@ -24,19 +25,13 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API k
 
 
 def small(beton_dir: Path, *extra: str) -> list[str]:
-    """tiny.yaml shrunk to seconds: 3,000 images, 30 steps an epoch. Augmentation off, because ffcv's
-    random flips and translations are not seeded, and the resume tests compare weights bit for bit."""
-    return [
-        "--config", str(TINY), f"data.dir={beton_dir}", "data.train_subset=3000", "data.test_subset=500",
-        "data.batch_size=100", "data.flip=false", "data.translate=0", "train.epochs=3", "train.ema=0.9",
-        "logging.mode=disabled", "logging.log_every=2", *extra,
-    ]
+    """tiny.yaml shrunk to seconds (conftest.SMALL_RUN) on the test data, with `extra` overrides."""
+    return ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, *extra]
 
 
 def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, **(env or {})})
-    return r
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def weights(run_dir: Path) -> dict:
@@ -80,6 +75,7 @@ def test_trains_and_writes_run_folder(uninterrupted):
     assert (uninterrupted / "config.yaml").read_text().startswith("model:")
 
 
+@pytest.mark.slow
 def test_resume_at_epoch_boundary_is_exact(uninterrupted, beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     first = trainer(*small(beton_dir, "logging.mode=offline"), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
@@ -116,6 +112,7 @@ def test_sigusr2_mid_epoch_checkpoints_then_resumes_exactly(uninterrupted, beton
     assert_same_weights(run_dir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_truncated_last_checkpoint_falls_back_to_previous(beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     assert trainer(*small(beton_dir, "train.epochs=2"), "--run-dir", str(run_dir), "--stop-after-epoch", "2").returncode == 0
@@ -214,3 +211,91 @@ def test_time_budget_stops_after_the_epoch_that_passes_it_with_a_summary(beton_d
     assert summary["wall_time_s"] >= 0.001
     bad = trainer("--config", str(TINY), "--run-dir", str(tmp_path / "bad"), "train.time_budget_s=-1")
     assert bad.returncode == 1 and "time_budget_s: must not be negative" in bad.stderr
+
+
+# ---- the parts of trainer/training/, without data or training --------------------------------
+
+
+def test_checkpoint_round_trip_restores_progress_state_and_rng(tmp_path):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from trainer import UserError
+    from trainer.config import load_config
+    from trainer.distributed import Dist
+    from trainer.training import checkpoint
+    from trainer.training.optim import lr_lambda, param_groups
+    from trainer.training.progress import Best, Progress
+
+    cfg = load_config(TINY)
+    group = Dist.single()
+
+    def parts(seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9)
+        return {"model": model, "ema": None, "optimizer": optimizer,
+                "scheduler": LambdaLR(optimizer, lr_lambda(100, 10, "triangle")),
+                "scaler": torch.amp.GradScaler("cpu", enabled=False)}
+
+    saved = parts(0)
+    saved["model"](torch.randn(8, 4)).sum().backward()
+    saved["optimizer"].step()
+    saved["scheduler"].step()
+    progress = Progress(epoch=2, epoch_step=5, global_step=25, best=Best(41.5, 2, 50.0, 3.0), bad_epochs=1,
+                        elapsed_s=7.5, last_test_acc=40.0, wandb_run_id="abc123")
+    sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    checkpoint.save_last(tmp_path, saved, progress, sums, group, cfg)
+    expected_draw = torch.rand(3)
+
+    state = torch.load(tmp_path / "last.pt", weights_only=True)  # plain values and tensors only
+    assert (state["epoch"], state["epoch_step"], state["arch"]) == (2, 5, cfg.model.arch)
+    restored, restored_sums = parts(1), torch.zeros(3, dtype=torch.float64)
+    assert checkpoint.resume(tmp_path, restored, restored_sums, group, cfg) == progress
+    assert torch.equal(torch.rand(3), expected_draw)  # the generators continue where they were saved
+    assert torch.equal(restored_sums, sums)
+    for key, value in saved["model"].state_dict().items():
+        assert torch.equal(restored["model"].state_dict()[key], value), key
+    momentum = [st["momentum_buffer"] for st in saved["optimizer"].state_dict()["state"].values()]
+    assert all(torch.equal(st["momentum_buffer"], m)
+               for st, m in zip(restored["optimizer"].state_dict()["state"].values(), momentum, strict=True))
+    assert restored["scheduler"].state_dict() == saved["scheduler"].state_dict()
+
+    other = load_config(TINY, ["model.arch=resnet9"])
+    with pytest.raises(UserError, match="holds a 'resnet9_tiny' run, not 'resnet9'"):
+        checkpoint.resume(tmp_path, parts(1), torch.zeros(3, dtype=torch.float64), group, other)
+
+
+def test_schedules_warm_up_linearly_then_decay_to_zero():
+    from trainer.training.optim import lr_lambda
+
+    triangle, cosine = lr_lambda(100, 10, "triangle"), lr_lambda(100, 10, "cosine")
+    for f in (triangle, cosine):
+        assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0]) and f(10) == 1.0 and f(100) == 0.0
+    assert triangle(55) == pytest.approx(0.5) and cosine(55) == pytest.approx(0.5)
+    assert triangle(30) == pytest.approx(1 - 20 / 90) and cosine(30) > triangle(30)
+
+
+def test_evaluate_counts_and_averages_the_mirror_image_with_tta():
+    from trainer.training.evaluate import evaluate, predict
+
+    class LeftColumn(torch.nn.Module):
+        """Logits from the left column only, so the mirror image gives different ones."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * x[:, :, 0]
+
+    net = LeftColumn()
+    # (batch, class, width): the first image's left column says class 0, the mean of both columns class 1.
+    x = torch.tensor([[[1.0, 0.0], [0.0, 3.0]], [[0.0, 0.0], [2.0, 0.0]]])
+    y = torch.tensor([1, 1])
+    assert torch.equal(predict(net, x, tta=False, amp_dtype=None), x[:, :, 0])
+    assert torch.equal(predict(net, x, tta=True, amp_dtype=None), x.mean(-1))
+    assert predict(net, x, tta=False, amp_dtype=torch.bfloat16).dtype == torch.float32
+    assert evaluate(net, [(x, y)], tta=False, amp_dtype=None)[1] == 50.0
+    loss, acc = evaluate(net, [(x[:1], y[:1]), (x[1:], y[1:])], tta=True, amp_dtype=None)
+    assert acc == 100.0 and loss == pytest.approx(torch.nn.functional.cross_entropy(x.mean(-1), y).item())
+    assert net.training is False

@@ -1,3 +1,3 @@
-from trainer.train import main
+from trainer.training.run import main
 
 main()

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -33,8 +32,9 @@ import submitit
 
 from trainer import UserError, cli, models
 from trainer.config import ConfigError, load_config, load_dataclass, parse_override, parse_yaml
-from trainer.data.loaders import check_data_dir
+from trainer.data.common import check_data_dir
 from trainer.provenance import git_sha
+from trainer.run_files import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs/configs"
@@ -137,7 +137,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config, self.overrides, self.run_dir = config, overrides, run_dir
 
     def __call__(self) -> dict | None:
-        from trainer.train import Stopped, train
+        from trainer.training.run import train
+        from trainer.training.stopping import Stopped
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         try:
@@ -157,10 +158,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.all:
         archs = models.seed_names()
     else:
-        archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-        unknown = [a for a in archs if a not in models.names()]
-        if unknown or not archs:
-            raise UserError(f"--arch: unknown architecture {', '.join(unknown) or '(none given)'}; valid: {', '.join(models.names())}")
+        archs = models.parse_names(args.arch, "--arch")
 
     profiles = load_profiles()
     if args.profile not in profiles:
@@ -228,9 +226,10 @@ def _executor(plan: Plan):
     return ex
 
 
-def _job(plan_or_record_executor: str, sweep_dir: Path, job_id: str):
+def _job(executor: str, sweep_dir: Path, job_id: str):
+    """The submitit handle of a job submitted earlier by `executor` ("slurm" or "local")."""
     folder = sweep_dir / "submitit" / "%j"
-    if plan_or_record_executor == "slurm":
+    if executor == "slurm":
         return submitit.SlurmJob(folder=folder, job_id=job_id)
     return submitit.LocalJob(folder=folder, job_id=job_id)
 
@@ -306,8 +305,8 @@ def submit(plan: Plan, archs: list[str], force: bool) -> list:
 
 def _progress(run_dir: Path) -> tuple[int, float | None]:
     try:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError):  # a damaged history shows as no progress; the report names it
         return 0, None
     return (rows[-1]["epoch"], max(r["test_acc"] for r in rows)) if rows else (0, None)
 

@@ -77,7 +77,8 @@ class _BatchUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(path: Path) -> dict:
+def unpickle(path: Path) -> dict:
+    """A batch or meta file read through the restricted unpickler, its keys as str."""
     if not path.is_file():
         raise DataError(
             f"{path}: missing (a CIFAR-10 python-version folder holds {', '.join(TRAIN_FILES + TEST_FILES)}, {META_FILE})"
@@ -95,7 +96,7 @@ def _unpickle(path: Path) -> dict:
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (images (N,32,32,3) uint8, labels (N,) int64), validated."""
-    batch = _unpickle(path)
+    batch = unpickle(path)
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or labels is None:
         raise DataError(f"{path}: malformed: needs a 'data' array and 'labels'")
@@ -112,7 +113,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_meta(source: Path) -> list[str]:
-    meta = _unpickle(source / META_FILE)
+    meta = unpickle(source / META_FILE)
     names = meta.get("label_names")
     if not isinstance(names, list) or len(names) != NUM_CLASSES:
         raise DataError(f"{source / META_FILE}: malformed: expected {NUM_CLASSES} label_names")
@@ -122,7 +123,7 @@ def read_meta(source: Path) -> list[str]:
 def cases_per_batch(source: Path) -> int:
     """The images each batch file holds, as batches.meta declares it (10,000 in the official files;
     smaller in a test set made in the same layout)."""
-    declared = _unpickle(source / META_FILE).get("num_cases_per_batch", CASES_PER_BATCH)
+    declared = unpickle(source / META_FILE).get("num_cases_per_batch", CASES_PER_BATCH)
     if not isinstance(declared, int) or declared < 1:
         raise DataError(f"{source / META_FILE}: malformed: num_cases_per_batch is {declared!r}")
     return declared

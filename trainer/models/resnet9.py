@@ -2,7 +2,7 @@
 train your ResNet", 2018; the DAWNBench entry): 6,573,120 parameters (10 classes).
 `resnet9_tiny` is the same layout at a quarter of the width (16-32-64-128 channels,
 412,944 parameters, 1/16 of the FLOPs): the network of jobs/configs/tiny.yaml, small
-enough to train to over 80% on a 2-core CPU within minutes.
+enough to train on a CPU (results/tiny-cpu/).
 
 prep: conv 64 -> layer1: conv 128, max-pool 2, residual(2 x conv 128) ->
 layer2: conv 256, max-pool 2 -> layer3: conv 512, max-pool 2, residual(2 x conv 512)

@@ -1,6 +1,6 @@
 """Vendor the libraries auditwheel leaves to the system into an already repaired wheel.
 
-    python jobs/gpu_kit/vendor_libs.py WHEEL OUTDIR [--lib SONAME ...]
+    python jobs/offline/vendor_libs.py WHEEL OUTDIR [--lib SONAME ...]
 
 auditwheel copies every library a wheel needs into `<pkg>.libs/` except those on the manylinux
 allow-list, which it expects every Linux machine to have. Debian's OpenCV core needs libGLX, which

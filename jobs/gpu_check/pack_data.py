@@ -1,15 +1,14 @@
-"""Pack CIFAR-10 (the official python layout) small enough to travel with the GPU run kit.
+"""Pack CIFAR-10 (the official python layout) small enough to travel with the GPU check.
 
-    python jobs/gpu_kit/pack_data.py [--source DIR] [--out .kit/cifar10.pack] [--limit N] [--workers N]
+    python jobs/gpu_check/pack_data.py [--source DIR] [--out .kit/cifar10.pack] [--limit N] [--workers N]
 
-The device machine takes at most 64 MiB of working tree, wheels and data included, and the
-CIFAR-10 batches are 178 MiB that zlib shrinks by 7%. The project's shared copy
+The GPU machine takes at most 64 MiB of working tree, wheels and data included, and the CIFAR-10
+batches are 178 MiB that zlib hardly shrinks. The project's shared copy
 (../shared/data/cifar10/cifar-10-batches-py) was itself decoded from quality-75 4:2:0 JPEGs, so
-re-encoding each image with those settings gives back nearly the same JPEG: 61% of the images
-decode bit-identically, the rest within a few levels. The pack stores that JPEG per image
-(about 300 bytes once the header, identical for every image, is stored once) and, per batch, an
-LZMA-compressed correction for the images that differ; unpack_data.py reverses both. Measured on
-the full shared copy: about 23 MiB, and the unpacked pixels are bit-identical to the source.
+re-encoding each image with those settings gives back nearly the same JPEG. The pack stores that
+JPEG per image (without its header, identical for every image and stored once) and, per batch, an
+LZMA-compressed correction for the images that do not decode to the source exactly;
+unpack_data.py reverses both, so the unpacked pixels are the source's, bit for bit.
 
 Beside the pack, `<pack>.json` records the source (files and SHA-256), the encoder, the sizes,
 and the fidelity measured by decoding the written pack with unpack_data.py's own code and
@@ -30,53 +29,37 @@ import json
 import lzma
 import math
 import os
-import pickle
 import sys
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from trainer import cli
+from trainer.data.cifar10 import IMAGE_BYTES, TEST_FILES, TRAIN_FILES, DataError, unpickle
+from trainer.files import atomic_path, write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unpack_data  # noqa: E402  (this folder, not a package)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SOURCE = Path(os.environ.get("CIFAR10_SOURCE", REPO.parent / "shared/data/cifar10/cifar-10-batches-py"))
-BATCH_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+BATCH_FILES = TRAIN_FILES + TEST_FILES
 JPEG_QUALITY = 75  # the source's own JPEG settings (see the shared copy's README)
 JPEG_SUBSAMPLING = 2  # Pillow's code for 4:2:0
-
-
-class _Unpickler(pickle.Unpickler):
-    """Batch files are pickles: allow the numpy array they hold and nothing else."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
-        return super().find_class(module, name)
 
 
 def _text(value) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
-def read_pickle(path: Path) -> dict:
-    with path.open("rb") as f:
-        obj = _Unpickler(f, encoding="bytes").load()
-    return {_text(k): v for k, v in obj.items()}
-
-
 def read_source_batch(path: Path, limit: int | None = None) -> dict:
-    b = read_pickle(path)
+    b = unpickle(path)
     data = np.asarray(b["data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise SystemExit(f"error: {path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != IMAGE_BYTES:
+        raise DataError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, {IMAGE_BYTES})")
     n = len(data) if limit is None else min(limit, len(data))
     return {"data": np.ascontiguousarray(data[:n]), "labels": np.asarray(b["labels"][:n], dtype=np.int64),
             "batch_label": _text(b["batch_label"]), "filenames": [_text(f) for f in b["filenames"][:n]]}
@@ -116,7 +99,7 @@ def _pack_batch(path: str, limit: int | None, preset: int) -> dict:
     header = jpegs[0][:header_length(jpegs[0])]
     odd = [i for i, j in enumerate(jpegs) if not j.startswith(header) or header_length(j) != len(header)]
     if odd:
-        raise SystemExit(f"error: {path}: image {odd[0]} has a different JPEG header; the pack format assumes one")
+        raise DataError(f"{path}: image {odd[0]} has a different JPEG header; the pack format assumes one")
     payloads = [j[len(header):] for j in jpegs]
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in payloads])]).astype(np.int64)
     decoded = unpack_data.planar(unpack_data.decode_jpegs(header, np.frombuffer(b"".join(payloads), np.uint8), offsets))
@@ -160,7 +143,6 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-
 def pack(source: Path, out: Path, limit: int | None = None, workers: int | None = None, preset: int = 6) -> dict:
     """Writes the pack and its sidecar; returns the sidecar record."""
     from PIL import __version__ as pillow_version
@@ -169,13 +151,13 @@ def pack(source: Path, out: Path, limit: int | None = None, workers: int | None 
     source = Path(source)
     missing = [f for f in (*BATCH_FILES, unpack_data.META_FILE) if not (source / f).is_file()]
     if missing:
-        raise SystemExit(f"error: {source}: missing {', '.join(missing)} (expected a cifar-10-batches-py folder)")
+        raise DataError(f"{source}: missing {', '.join(missing)} (expected a cifar-10-batches-py folder)")
     workers = max(1, min(len(BATCH_FILES), workers or len(os.sched_getaffinity(0))))
     with ProcessPoolExecutor(workers) as pool:
         parts = list(pool.map(_pack_batch, [str(source / f) for f in BATCH_FILES], [limit] * 6, [preset] * 6))
     if len({p["header"] for p in parts}) != 1:
-        raise SystemExit("error: the batches' JPEG headers differ; the pack format assumes one")
-    meta_src = read_pickle(source / unpack_data.META_FILE)
+        raise DataError("the batches' JPEG headers differ; the pack format assumes one")
+    meta_src = unpickle(source / unpack_data.META_FILE)
 
     batches, first, payload_base = [], 0, 0
     offsets, residual_index = [], []
@@ -212,11 +194,8 @@ def pack(source: Path, out: Path, limit: int | None = None, workers: int | None 
         **{f"residual_{k}": np.frombuffer(p["residual"], np.uint8) for k, p in enumerate(parts)},
     }
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:  # a file object: np.savez would append .npz to a bare name
+    with atomic_path(out) as tmp, tmp.open("wb") as f:  # a file object: np.savez would append .npz to a bare name
         np.savez(f, **arrays)
-    os.replace(tmp, out)
 
     with ProcessPoolExecutor(workers) as pool:  # fidelity of what was written, read back as the unpacker reads it
         final = list(pool.map(_verify_batch, [str(out)] * 6, range(6), [str(source)] * 6, [limit] * 6))
@@ -250,10 +229,7 @@ def pack(source: Path, out: Path, limit: int | None = None, workers: int | None 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    sidecar = out.with_name(out.name + ".json")
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -274,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

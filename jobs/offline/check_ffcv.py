@@ -1,6 +1,6 @@
 """Check an installed ffcv wheel: its native library loads and works, from its own vendored libraries.
 
-    python jobs/gpu_kit/check_ffcv.py SITE [--native]
+    python jobs/offline/check_ffcv.py SITE [--native]
 
 SITE is the folder the wheelhouse was installed into (`pip install --no-index --no-deps --target
 SITE`). Default check (needs torch, numba, numpy, Pillow): `import ffcv` from SITE, write a .beton

@@ -1,17 +1,18 @@
-"""setup.py for ffcv 1.0.2's sdist, as jobs/gpu_kit/build.sh builds it (it replaces the sdist's own).
+"""setup.py for ffcv 1.0.2's sdist, as jobs/offline/build.sh builds it (it replaces the sdist's own).
 
-Two changes from the original, which links every OpenCV library pkg-config lists and builds a
-version-specific extension:
+Three changes from the original:
 
 - Only opencv_core and opencv_imgproc are linked: libffcv.cpp uses cv::Mat and cv::resize and
-  nothing else. With all of OpenCV linked, auditwheel vendors ~150 MB of libraries; with these two,
-  about 9 MB.
+  nothing else, and every other OpenCV library would be vendored into the wheel for nothing.
 - The extension is built against the stable ABI (Py_LIMITED_API 3.11): libffcv.cpp uses no Python
   C-API beyond an empty module (ffcv calls it through ctypes), so one `_libffcv.abi3.so` serves
   CPython 3.11, 3.12 and 3.13, and the wheel is tagged cp311-abi3.
+- It requires opencv-python-headless instead of opencv-python (both provide the `cv2` that ffcv's
+  Python code imports): the full build needs libGL and X11 from the system, which headless
+  cluster nodes lack.
 
-Everything else (package list, metadata, requirements) is the original's. Built with setuptools'
-own setup/Extension: distutils has neither py_limited_api nor, on Python 3.12, a module at all.
+Everything else (package list, metadata, the other requirements) is the original's. Built with
+setuptools' own setup/Extension: distutils has neither py_limited_api nor, on Python 3.12, a module.
 """
 
 import subprocess
@@ -65,7 +66,7 @@ setup(
         "terminaltables",
         "pytorch_pfn_extras",
         "fastargs",
-        "opencv-python",
+        "opencv-python-headless",
         "assertpy",
         "tqdm",
         "psutil",

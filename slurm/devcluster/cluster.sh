@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # A real single-node SLURM cluster on this machine, for development and CI.
 #
-#   slurm/cluster.sh install   install the Debian packages if missing (root; fast no-op when present)
-#   slurm/cluster.sh start     install if needed, then start munged, MariaDB, slurmdbd, slurmctld,
-#                              slurmd and wait until a job runs (a probe job, "cluster-ready");
-#                              prints `export SLURM_CONF=...` on stdout, progress on stderr, so
-#                              eval "$(slurm/cluster.sh start)" works
-#   slurm/cluster.sh stop      cancel the cluster's jobs (running ones get 3 s to end on their
-#                              own), stop the daemons, wait for them to exit
-#   slurm/cluster.sh status    say which daemons run, print sinfo (exit 0 all up, 3 otherwise)
-#   slurm/cluster.sh env       print `export SLURM_CONF=...`:  eval "$(slurm/cluster.sh env)"
+#   slurm/devcluster/cluster.sh COMMAND
+#
+#   install   install the Debian packages if missing (root; fast no-op when present)
+#   start     install if needed, then start munged, MariaDB, slurmdbd, slurmctld, slurmd and wait
+#             until a job runs (a probe job, "cluster-ready"); prints `export SLURM_CONF=...` on
+#             stdout, progress on stderr, so eval "$(slurm/devcluster/cluster.sh start)" works
+#   stop      cancel the cluster's jobs (running ones get 3 s to end on their own), stop the
+#             daemons, wait for them to exit
+#   status    say which daemons run, print sinfo (exit 0 all up, 3 otherwise)
+#   env       print `export SLURM_CONF=...`:  eval "$(slurm/devcluster/cluster.sh env)"
+#
+# The daemons' config files are written on every start from templates/*.in beside this script
+# (slurm.conf, slurmdbd.conf, my.cnf), with this machine's host name, hardware, ports and folders
+# filled in.
 #
 # Why a real cluster and not a mock: the launcher's tests must see what sbatch, slurmctld,
 # sacct and submitit really do (states, requeue, cancel). Why slurmdbd + MariaDB: without
@@ -27,7 +32,7 @@
 # State survives stop/start: the munge key, the accounting database (job history) and slurmctld's
 # state are kept; `stop` cancels jobs that are still queued or running so that no job process
 # outlives the cluster and a later start begins with an empty queue. To reset everything:
-# `slurm/cluster.sh stop && rm -rf "$SLURM_ROOT"`.
+# `slurm/devcluster/cluster.sh stop && rm -rf "$SLURM_ROOT"`.
 #
 # Environment knobs:
 #   SLURM_ROOT           root folder (default /tmp/cifar-infinity-slurm)
@@ -37,7 +42,8 @@
 #   SLURM_READY_TIMEOUT  seconds each readiness check may take (default 60)
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+# gettext-base: envsubst, which fills in the config templates.
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server gettext-base)
 CLUSTER_NAME=cifar            # lowercase, no '-': it prefixes the accounting tables in MariaDB
 PARTITION=debug
 
@@ -50,6 +56,7 @@ DBD_PORT=$((PORT_BASE + 2))
 DB_PORT=$((PORT_BASE + 3))
 
 ETC=$ROOT/etc
+TEMPLATES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/templates
 MUNGE_DIR=$ROOT/munge              # 0755: munged wants it searchable by all, writable by no other
 MUNGE_SOCK=$MUNGE_DIR/munge.socket
 MUNGE_KEY=$MUNGE_DIR/munge.key     # 0600: munged refuses a key readable by others
@@ -163,111 +170,37 @@ cmd_install() {
 
 # --- configuration -------------------------------------------------------------------------------
 
+# fill NAME: writes $ETC/NAME from templates/NAME.in, every ${VAR} it names taken from this
+# script's variables. Each must be set: a typo must not become an empty setting.
+fill() {
+    local name=$1 vars var
+    vars=$(grep -o '\${[A-Z_]*}' "$TEMPLATES/$name.in" | sort -u | tr -d '${}')
+    (
+        for var in $vars; do
+            [[ -n ${!var:-} ]] || die "templates/$name.in names \${$var}, which cluster.sh does not set"
+            export "${var?}"
+        done
+        envsubst "$(printf '${%s} ' $vars)" <"$TEMPLATES/$name.in" >"$ETC/$name.tmp"
+    )
+    mv "$ETC/$name.tmp" "$ETC/$name"
+}
+
 write_configs() {
-    local host hw mem_kb real_mem field cpus boards sockets cores threads
-    host=$(hostname -s)
-    # Hardware as slurmd itself detects it: giving only CPUs=N makes slurmd complain that the
-    # node "reconfigured socket/core boundaries".
+    local hw field mem_kb HOST CPUS BOARDS SOCKETS CORES THREADS REAL_MEM DB_PASS
+    HOST=$(hostname -s)
     hw=$(slurmd -C | head -n 1)
     for field in CPUs Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
         [[ $hw =~ (^| )$field=([0-9]+) ]] || die "slurmd -C gave no $field: $hw"
         printf -v "hw_$field" '%s' "${BASH_REMATCH[2]}"
     done
     # shellcheck disable=SC2154
-    cpus=$hw_CPUs boards=$hw_Boards sockets=$hw_SocketsPerBoard cores=$hw_CoresPerSocket threads=$hw_ThreadsPerCore
-    # Leave about 10% of the memory to the OS and the daemons.
+    CPUS=$hw_CPUs BOARDS=$hw_Boards SOCKETS=$hw_SocketsPerBoard CORES=$hw_CoresPerSocket THREADS=$hw_ThreadsPerCore
     mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
-    real_mem=$((mem_kb * 9 / 10 / 1024))
-
-    cat >"$ETC/slurm.conf.tmp" <<EOF
-# Generated by slurm/cluster.sh on every start; edit the script, not this file.
-ClusterName=$CLUSTER_NAME
-# Everything on the loopback address: the host name need not resolve, nothing listens outside.
-SlurmctldHost=$host(127.0.0.1)
-SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
-CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
-# Root runs every daemon: no slurm user, folders or permissions to prepare.
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation=$STATE
-SlurmdSpoolDir=$SPOOL
-SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
-SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-# munge through this cluster's private socket. slurmctld/sacctmgr -> slurmdbd ignores AuthInfo and
-# takes the socket from AccountingStoragePass ("Munge encode failed" without it).
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCK
-# No cgroups on this machine (no systemd, no delegated hierarchy).
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/linux
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-AccountingStoragePort=$DBD_PORT
-AccountingStoragePass=$MUNGE_SOCK
-JobCompType=jobcomp/none
-# The default 3 s batch delay would make every job round trip take 3 s or more.
-SchedulerParameters=batch_sched_delay=0
-MailProg=/bin/true
-KillWait=5
-# A node that was down (daemons stopped) returns to service when its slurmd registers.
-ReturnToService=2
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$real_mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-EOF
-    mv "$ETC/slurm.conf.tmp" "$ETC/slurm.conf"
-
-    # slurmdbd reads slurmdbd.conf from the folder of SLURM_CONF; it holds the database password,
-    # and slurmdbd refuses it unless it is 0600 and owned by SlurmUser.
-    (
-        umask 077
-        cat >"$ETC/slurmdbd.conf.tmp" <<EOF
-# Generated by slurm/cluster.sh on every start.
-AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCK
-DbdHost=$host
-DbdAddr=127.0.0.1
-DbdPort=$DBD_PORT
-SlurmUser=root
-PidFile=$RUN/slurmdbd.pid
-LogFile=$LOG/slurmdbd.log
-DebugLevel=info
-StorageType=accounting_storage/mysql
-StorageHost=127.0.0.1
-StoragePort=$DB_PORT
-StorageUser=slurm
-StoragePass=$(cat "$DB_PASS_FILE")
-StorageLoc=slurm_acct_db
-EOF
-        mv "$ETC/slurmdbd.conf.tmp" "$ETC/slurmdbd.conf"
-    )
-
-    # MariaDB with its own datadir, socket and TCP port on 127.0.0.1 (slurmdbd only speaks TCP).
-    cat >"$ETC/my.cnf" <<EOF
-# Generated by slurm/cluster.sh on every start.
-[mariadbd]
-user=root
-datadir=$DB_DATA
-socket=$DB_SOCK
-pid-file=$DB_DIR/mariadbd.pid
-log-error=$LOG/mariadb.log
-bind-address=127.0.0.1
-port=$DB_PORT
-skip-name-resolve
-# Sizes SLURM's documentation recommends; a smaller buffer pool makes slurmdbd warn.
-innodb_buffer_pool_size=1024M
-innodb_log_file_size=64M
-innodb_lock_wait_timeout=900
-EOF
+    REAL_MEM=$((mem_kb * 9 / 10 / 1024))
+    DB_PASS=$(cat "$DB_PASS_FILE")
+    fill slurm.conf
+    (umask 077; fill slurmdbd.conf)
+    fill my.cnf
 }
 
 make_folders() {

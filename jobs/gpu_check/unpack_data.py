@@ -1,8 +1,8 @@
-"""Turn the kit's CIFAR-10 pack back into a `cifar-10-batches-py` folder (the official layout).
+"""Turn the GPU check's CIFAR-10 pack back into a `cifar-10-batches-py` folder (the official layout).
 
-    python jobs/gpu_kit/unpack_data.py [PACK] --out DIR [--workers N]
+    python jobs/gpu_check/unpack_data.py [PACK] --out DIR [--workers N]
 
-PACK (default .kit/cifar10.pack) is what jobs/gpu_kit/pack_data.py writes. DIR gets
+PACK (default .kit/cifar10.pack) is what jobs/gpu_check/pack_data.py writes. DIR gets
 data_batch_1..5, test_batch and batches.meta holding what the source's hold: `data` (uint8,
 N x 3072, channel-planar rows), `labels`, `batch_label`, `filenames`, and {num_cases_per_batch,
 label_names, num_vis}. They are protocol-4 pickles with str keys and strings (the originals are
@@ -16,15 +16,13 @@ was made from (a CRC-32 per image and a SHA-256 per batch, recorded at packing),
 used. Exactness depends on the JPEG decoder: libjpeg-turbo decodes deterministically, but a
 different decoder can be off by one in some pixels; those images are counted, not hidden.
 
-Needs only numpy and Pillow (and the standard library): it runs on machines without this
-project's dependencies.
+Needs only numpy, Pillow and the standard library, not this project: it runs on machines without
+the project's dependencies.
 
 The pack (format 1) is a .npz (no pickled objects) holding, per image, a baseline JPEG at the
 source's own settings (quality 75, 4:2:0, IJG tables) stored without its header (one header is
 shared), and, per batch, an LZMA-compressed correction (source minus decoded, mod 256) for the
-images whose decoded JPEG differs from the source. The source is itself decoded from q75 4:2:0
-JPEGs, so re-encoding it that way reproduces most images almost exactly: about 17 MiB of JPEG
-data and 6 MiB of corrections for all 60,000 images instead of 178 MiB.
+images whose decoded JPEG differs from the source.
 """
 
 from __future__ import annotations
@@ -189,11 +187,8 @@ def libjpeg_turbo_version() -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command with this machine's copies of the libraries the ffcv wheel vendors made unloadable.
 #
-#     jobs/gpu_kit/hide_system_libs.sh COMMAND [ARG...]
+#     jobs/offline/hide_system_libs.sh COMMAND [ARG...]
 #
 # In a private mount namespace (root; `unshare -m`), /dev/null is bind-mounted over every file
 # the loader cache lists for OpenCV, libturbojpeg, the X11/GLX chain (libGLX, libGLdispatch,

@@ -1,0 +1,84 @@
+"""The stopping rules as a pure function of the progress and the config: no data, no training."""
+
+import signal
+from dataclasses import replace
+
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.training.progress import Progress
+from trainer.training.stopping import Reason, should_stop
+
+CFG = TrainConfig(epochs=10, patience=3, time_budget_s=100.0)
+
+
+def reason(progress: Progress, cfg: TrainConfig = CFG, **requests) -> Reason | None:
+    stop = should_stop(progress, cfg, **requests)
+    return stop.reason if stop else None
+
+
+def test_a_run_with_nothing_to_stop_it_goes_on():
+    assert reason(Progress()) is None
+    assert reason(Progress(epoch=4, bad_epochs=2, elapsed_s=99.0), stop_after_epoch=5) is None
+
+
+def test_epochs_done_ends_the_run():
+    stop = should_stop(Progress(epoch=10), CFG)
+    assert stop.reason is Reason.EPOCHS_DONE and stop.ends_run
+
+
+def test_patience_ends_the_run_and_zero_means_never():
+    stop = should_stop(Progress(epoch=5, bad_epochs=3), CFG)
+    assert stop.reason is Reason.PATIENCE and stop.ends_run
+    assert stop.message == "early stopping: no better test accuracy for 3 epochs"
+    assert reason(Progress(epoch=5, bad_epochs=50), replace(CFG, patience=0)) is None
+
+
+def test_time_budget_ends_the_run_after_the_epoch_that_passes_it():
+    stop = should_stop(Progress(epoch=1, elapsed_s=100.0), CFG)
+    assert stop.reason is Reason.TIME_BUDGET and stop.ends_run
+    assert "stopping after epoch 1 of 10" in stop.message and "train.time_budget_s=100" in stop.message
+    assert reason(Progress(epoch=1, elapsed_s=1e9), replace(CFG, time_budget_s=0.0)) is None
+
+
+def test_stop_after_epoch_pauses_the_run():
+    stop = should_stop(Progress(epoch=2), CFG, stop_after_epoch=2)
+    assert stop.reason is Reason.STOP_AFTER_EPOCH and not stop.ends_run
+    assert stop.message == "stopped after epoch 2 as asked; run again to resume"
+    assert reason(Progress(epoch=1), stop_after_epoch=2) is None
+
+
+def test_a_signal_between_epochs_pauses_the_run():
+    stop = should_stop(Progress(epoch=2), CFG, signum=signal.SIGUSR2)
+    assert stop.reason is Reason.SIGNAL and not stop.ends_run
+    assert stop.message.startswith("stopped by signal SIGUSR2 after epoch 2;")
+
+
+def test_mid_epoch_only_a_signal_stops():
+    progress = Progress(epoch=1, epoch_step=7, bad_epochs=3, elapsed_s=1e9)
+    assert reason(progress, stop_after_epoch=1) is None
+    stop = should_stop(progress, CFG, stop_after_epoch=1, signum=signal.SIGTERM)
+    assert stop.reason is Reason.SIGNAL and not stop.ends_run
+    assert stop.message.startswith("stopped by signal SIGTERM in epoch 2 at step 7;")
+
+
+@pytest.mark.parametrize(
+    "progress, requests, expected",
+    [
+        # Reasons that end the run come before those that pause it...
+        (Progress(epoch=4, bad_epochs=3, elapsed_s=100.0), {"signum": signal.SIGTERM}, Reason.PATIENCE),
+        (Progress(epoch=4, elapsed_s=100.0), {"stop_after_epoch": 4}, Reason.TIME_BUDGET),
+        # ...but a requested stop at the last epoch pauses (the summary comes with the next start).
+        (Progress(epoch=10), {"stop_after_epoch": 10}, Reason.STOP_AFTER_EPOCH),
+        (Progress(epoch=10), {"signum": signal.SIGUSR2}, Reason.SIGNAL),
+    ],
+)
+def test_order_of_reasons(progress, requests, expected):
+    assert reason(progress, **requests) is expected
+
+
+def test_should_stop_leaves_the_progress_alone():
+    progress = Progress(epoch=3, epoch_step=2, bad_epochs=5, elapsed_s=500.0)
+    before = replace(progress)
+    should_stop(progress, CFG, stop_after_epoch=1, signum=signal.SIGTERM)
+    assert progress == before

@@ -1,0 +1,136 @@
+"""The step part: training images/s per architecture on synthetic batches already on the device.
+
+Three modes: eager fp32 (the baseline), AMP (bf16 autocast; fp16 with a GradScaler on GPUs without
+bf16), and AMP + torch.compile + channels_last; warm-up steps excluded, compile time reported apart.
+On a GPU the block of steps is timed and the model FLOPs utilisation (MFU) of the compiled step
+shown; on a CPU the median step (robust to other processes).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from trainer import models
+from trainer.bench.common import Settings
+from trainer.device import amp_dtype, device_name, synchronize
+from trainer.models.flops import forward_flops
+
+# Peak dense bf16 tensor throughput (FLOP/s) by device name, from the vendors' data sheets; the
+# first entry whose text is in the name wins, so the specific names come first. Unknown: no MFU.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (the name reads "H100 80GB HBM3")
+    ("H200", 989e12),  # also GH200: the same H100-class tensor cores
+    ("A100", 312e12),
+)
+
+MODES = {  # name: (autocast, torch.compile, channels_last)
+    "eager_fp32": (False, False, False),
+    "amp": (True, False, False),
+    "compiled_amp": (True, True, True),
+}
+
+
+def peak_flops(name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def time_steps(arch: str, device: torch.device, mode: str, settings: Settings) -> dict:
+    """Images/s of full training steps (forward, loss, backward, SGD) on one synthetic batch."""
+    autocast, use_compile, channels_last = MODES[mode]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = models.build(arch).to(device, memory_format=memory_format).train()
+    net = torch.compile(model) if use_compile else model
+    dtype = amp_dtype(device, autocast)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.2)
+    x = torch.randn(settings.step_batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (settings.step_batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = criterion(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    start = time.perf_counter()
+    for _ in range(settings.step_warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":  # the whole block, so that the GPU runs ahead of the host as in training
+        start = time.perf_counter()
+        for _ in range(settings.step_steps):
+            step()
+        synchronize(device)
+        step_s = (time.perf_counter() - start) / settings.step_steps
+    else:  # a CPU step is synchronous: time each, keep the median (robust to other processes' bursts)
+        times = []
+        for _ in range(settings.step_steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        step_s = float(np.median(times))
+    del net, model, optimizer
+    if use_compile:
+        torch._dynamo.reset()
+    return {"images_per_s": settings.step_batch / step_s,
+            # the warm-up beyond what its steps would take at the measured speed: compiling, mostly
+            "compile_s": max(0.0, warmup_s - step_s * settings.step_warmup) if use_compile else None}
+
+
+def step_settings(device: torch.device, settings: Settings) -> dict:
+    """What the step numbers were measured with, for the results file."""
+    dtype = amp_dtype(device)
+    return {"batch": settings.step_batch, "steps": settings.step_steps, "warmup_steps": settings.step_warmup,
+            "amp_dtype": str(dtype).removeprefix("torch."),
+            "peak_flops": peak_flops(device_name(device)) if device.type == "cuda" else None}
+
+
+def bench_steps(device: torch.device, settings: Settings, threads: int) -> dict:
+    peak = peak_flops(device_name(device)) if device.type == "cuda" else None
+    results = {}
+    for arch in settings.archs:
+        torch.set_num_threads(threads)
+        r = {mode: time_steps(arch, device, mode, settings) for mode in MODES}
+        base = r["eager_fp32"]["images_per_s"]
+        train_flops = 3 * forward_flops(models.build(arch))  # per image: forward + backward (2x forward)
+        results[arch] = {
+            "eager_fp32": base,
+            "amp": r["amp"]["images_per_s"],
+            "compiled_amp": r["compiled_amp"]["images_per_s"],
+            "step_ratio_amp": r["amp"]["images_per_s"] / base,
+            "step_ratio_compiled_amp": r["compiled_amp"]["images_per_s"] / base,
+            "compile_s": r["compiled_amp"]["compile_s"],
+            "train_gflops_per_image": train_flops / 1e9,
+            # model FLOPs utilisation of the compiled AMP step; None off a GPU or on an unknown card
+            "mfu": train_flops * r["compiled_amp"]["images_per_s"] / peak if peak else None,
+        }
+        print(f"  {arch}: done", file=sys.stderr, flush=True)
+    return results
+
+
+def print_table(results: dict, device: torch.device, settings: Settings) -> None:
+    amp = "bf16" if amp_dtype(device) == torch.bfloat16 else "fp16"
+    timing = "the block" if device.type == "cuda" else "the median step"
+    print(f"\nstep: training images/s on {device_name(device)}, batch {settings.step_batch}, {timing} of "
+          f"{settings.step_steps} after {settings.step_warmup} warm-up; AMP = {amp} autocast; ratios to eager fp32")
+    print(f"  {'arch':<16}{'eager fp32':>11}{'AMP':>10}{'AMP x':>7}{'compiled':>10}{'comp. x':>8}{'compile s':>10}"
+          f"{'MFU':>7}")
+    for arch, x in results.items():
+        mfu = f"{100 * x['mfu']:.1f}%" if x["mfu"] is not None else "-"
+        print(f"  {arch:<16}{x['eager_fp32']:>11,.0f}{x['amp']:>10,.0f}{x['step_ratio_amp']:>6.2f}x"
+              f"{x['compiled_amp']:>10,.0f}{x['step_ratio_compiled_amp']:>7.2f}x{x['compile_s']:>10.1f}{mfu:>7}")

@@ -1,0 +1,104 @@
+"""The report's three PNGs under plots/: accuracy vs parameters (the seed's networks too), test
+accuracy by epoch, and accuracy vs the device-seconds spent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.files import atomic_path
+from trainer.models.seed_table import SEED
+from trainer.report.runs import Run
+from trainer.report.table import seconds_text, table_order
+
+PLOTS = {  # file name under plots/ -> title
+    "acc_vs_params.png": "Best test accuracy vs parameters",
+    "test_acc_curves.png": "Test accuracy by epoch",
+    "acc_vs_seconds.png": "Test accuracy vs device-seconds",
+}
+
+
+def _seconds_label(finished: list[Run]) -> str:
+    gpu = {r.on_gpu for r in finished}
+    if gpu == {True}:
+        return "GPU-seconds (wall time × GPUs)"
+    if gpu == {False}:
+        return "CPU-seconds (wall time × processes; no GPU)"
+    return "device-seconds (GPU-s for CUDA runs, CPU-s for CPU runs)"
+
+
+def _save(fig: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def make_plots(runs: list[Run], folder: Path) -> list[Path]:
+    """The three PNGs under folder/plots/, drawn on matplotlib's Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ordered = table_order(runs)
+    colour = {r.name: f"C{i % 10}" for i, r in enumerate(ordered)}  # one colour per run in every plot
+    finished = [r for r in ordered if r.finished]
+    seconds = _seconds_label(finished)
+    paths = [folder / "plots" / name for name in PLOTS]
+    figures = []
+    for title in PLOTS.values():
+        fig = Figure(figsize=(8, 5.5), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        figures.append((fig, ax))
+
+    # Accuracy vs parameters, marker area by training time, the seed's networks beside ours.
+    ax = figures[0][1]
+    for i, (row, seed) in enumerate(sorted(SEED.items(), key=lambda item: item[1].params_m)):
+        ax.scatter(seed.params_m, seed.test_acc, s=60, marker="s", facecolors="none", edgecolors="grey")
+        # Labels alternately below and above, so that neighbours (EfficientNet, ResNet) stay apart.
+        ax.annotate(row, (seed.params_m, seed.test_acc), textcoords="offset points",
+                    xytext=(5, -11 if i % 2 == 0 else 5), fontsize=8, color="grey")
+    device_s = {r.name: r.summary["wall_time_s"] * r.summary["world_size"] for r in finished}
+    longest = max(device_s.values(), default=0.0) or 1.0
+    for r in finished:
+        xy = (r.summary["params"] / 1e6, r.summary["best_test_acc"])
+        ax.scatter(*xy, s=30 + 470 * device_s[r.name] / longest, alpha=0.7, color=colour[r.name])
+        ax.annotate(f"{r.name} ({seconds_text(device_s[r.name])} s)", xy, textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.scatter([], [], s=60, marker="s", facecolors="none", edgecolors="grey", label="seed")
+    ax.scatter([], [], s=60, color="grey", alpha=0.7, label=f"this sweep (area ∝ training {seconds.split(' (')[0]})")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (millions, log scale)")
+    ax.set_ylabel("best test accuracy %")
+    ax.legend(loc="lower right", fontsize=8)
+
+    # Test accuracy by epoch; unfinished runs dashed.
+    ax = figures[1][1]
+    for r in ordered:
+        if r.metrics:
+            ax.plot([m["epoch"] for m in r.metrics], [m["test_acc"] for m in r.metrics], marker=".",
+                    linestyle="-" if r.finished else "--", color=colour[r.name],
+                    label=r.name if r.finished else f"{r.name} ({r.detail})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy %")
+
+    # Accuracy vs the compute spent, epoch by epoch; the best epoch starred.
+    ax = figures[2][1]
+    for r in finished:
+        world = r.summary["world_size"]
+        ax.plot([m["elapsed_s"] * world for m in r.metrics], [m["test_acc"] for m in r.metrics], marker=".",
+                color=colour[r.name], label=r.name)
+        ax.scatter(r.summary["best_epoch_wall_time_s"] * world, r.summary["best_test_acc"], s=80, marker="*",
+                   color=colour[r.name])
+    ax.set_title(f"Test accuracy vs {seconds.split(' (')[0]} (★ best epoch)")
+    ax.set_xlabel(seconds)
+    ax.set_ylabel("test accuracy %")
+
+    for fig, ax in figures[1:]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for (fig, _), path in zip(figures, paths):
+        _save(fig, path)
+    return paths

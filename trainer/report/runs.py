@@ -1,0 +1,128 @@
+"""Reading a sweep's run folders for the report: each run's status, summary, metrics and config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import UserError, models
+from trainer.config import Config, load_config
+from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
+
+SUMMARY_NUMBERS = ("best_test_acc", "best_epoch", "train_acc", "gap", "params", "epochs_run", "wall_time_s",
+                   "best_epoch_wall_time_s", "world_size")
+SUMMARY_KEYS = ("arch", *SUMMARY_NUMBERS, "gpu_seconds", "device")
+METRIC_KEYS = ("epoch", "test_acc", "images_per_s", "elapsed_s")  # what the table and plots read per epoch
+
+
+@dataclass
+class Run:
+    name: str  # the folder name: the architecture, in a sweep
+    dir: Path
+    status: str  # "finished", "unfinished", "not started" or "corrupt"
+    detail: str  # what the table shows for a run that is not finished, e.g. "unfinished: epoch 3 of 150"
+    summary: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    config: Config | None = None
+    problem: str | None = None  # a file that could not be read, named in one line
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def arch(self) -> str:
+        if self.summary is not None:
+            return self.summary["arch"]
+        return self.config.model.arch if self.config is not None else self.name
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.summary is not None and self.summary["gpu_seconds"] is not None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The epochs, or none and the problem in one line: the report draws nothing from a damaged history."""
+    try:
+        rows = read_metrics(path)
+        for i, row in enumerate(rows, 1):
+            if not all(is_number(row.get(k)) for k in METRIC_KEYS):
+                raise ValueError(f"line {i}: expected {', '.join(METRIC_KEYS)}")
+        return rows, None
+    except (OSError, ValueError) as e:
+        return [], f"{path}: unreadable ({type(e).__name__}: {e})"
+
+
+def read_run(name: str, run_dir: Path) -> Run:
+    config_path, summary_path = run_dir / CONFIG, run_dir / SUMMARY
+    if not config_path.exists() and not summary_path.exists():  # the trainer writes config.yaml first
+        return Run(name, run_dir, "not started", "not started")
+    config, problem = None, None
+    try:
+        config = load_config(config_path)
+    except UserError as e:  # missing, or written by an older version of the code
+        problem = f"{config_path}: unreadable ({e})"
+    metrics, metrics_problem = _read_metrics(run_dir / METRICS)
+    problem = problem or metrics_problem
+    if not summary_path.exists():
+        epochs = config.train.epochs if config is not None else "?"
+        done = metrics[-1]["epoch"] if metrics else 0
+        return Run(name, run_dir, "unfinished", f"unfinished: epoch {done} of {epochs}", None, metrics, config, problem)
+    try:
+        summary = json.loads(summary_path.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        wrong = [k for k in SUMMARY_NUMBERS if not is_number(summary[k])]
+        if wrong:
+            raise ValueError(f"not a number: {', '.join(wrong)}")
+    except (OSError, ValueError) as e:
+        why = f"{summary_path}: corrupt summary ({type(e).__name__}: {e})"
+        return Run(name, run_dir, "corrupt", "corrupt summary.json", None, metrics, config, why)
+    return Run(name, run_dir, "finished", "finished", summary, metrics, config, problem)
+
+
+def find_runs(folder: Path) -> tuple[str, list[Run]]:
+    """The report's name and its runs: the archs of sweep.json, or the subfolders with a config.yaml."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    record_path = folder / "sweep.json"
+    if record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+            archs, name = list(record["archs"]), str(record["sweep"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{record_path}: unreadable sweep record ({type(e).__name__}: {e})") from None
+        runs = [read_run(arch, folder / arch) for arch in archs]
+        if all(r.status == "not started" for r in runs):
+            raise UserError(f"{folder}: no runs at all: none of the sweep's {len(archs)} architectures has a run folder yet")
+        return name, runs
+    run_dirs = sorted(p.parent for p in folder.glob(f"*/{CONFIG}"))
+    if not run_dirs:
+        hint = "; it is a run folder itself: pass the folder above it" if (folder / CONFIG).exists() else ""
+        raise UserError(f"{folder}: not a sweep folder (no sweep.json) and no run folders in it "
+                        f"(subfolders with config.yaml){hint}")
+    return folder.resolve().name, [read_run(p.name, p) for p in run_dirs]
+
+
+def load_best(run: Run, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
+    """The network of the run's checkpoints/best.pt, in eval mode on `device`."""
+    path = run.dir / CHECKPOINTS / "best.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = models.build(state["arch"])
+        net.load_state_dict(state["model"])
+    except Exception as e:  # missing, truncated or from another architecture: name it, go on
+        raise UserError(f"{path}: unusable ({type(e).__name__}: {e})") from None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return net.to(device, memory_format=fmt).eval()

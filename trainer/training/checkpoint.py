@@ -1,0 +1,131 @@
+"""Checkpoints in the run folder's checkpoints/: written atomically, loadable with `weights_only=True`.
+
+`last.pt` holds the whole training state and is replaced at every save; the one it replaces is kept
+as `prev.pt`, so a `last.pt` that was cut short (a full disk, a node lost mid-write on a non-atomic
+filesystem) or is otherwise unreadable is reported and the previous good state is used instead.
+`best.pt` holds the model weights of the best test accuracy so far.
+
+The training state: the state_dict of each stateful part (model, ema, optimizer, scheduler, scaler),
+the progress (its fields at the top level), the partial epoch's sums, every rank's random number
+generators, the world size, the architecture and the config.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from trainer import UserError
+from trainer.config import Config, to_dict
+from trainer.distributed import Dist
+from trainer.files import atomic_path
+from trainer.training.progress import Progress
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
+
+LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
+
+
+def save(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, path.with_name(PREV))
+
+
+def load_latest(folder: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint in `folder` (last.pt, else prev.pt), or None if there is none."""
+    for name in (LAST, PREV):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle, wrong types: all mean "not usable"
+            print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying an older checkpoint", file=sys.stderr)
+    return None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators, as tensors and plain values (numpy's key array would not load
+    with weights_only=True, so it is stored as a tensor)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def _all_rng_states(group: Dist) -> list[dict[str, Any]]:
+    """Every rank's generators, in rank order (a collective)."""
+    if not group.enabled:
+        return [rng_state()]
+    states: list[Any] = [None] * group.world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def save_last(
+    folder: Path, parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor,
+    group: Dist, cfg: Config,
+) -> None:
+    """Writes the training state to last.pt, keeping the one it replaces as prev.pt. A collective
+    (it gathers every rank's generators): every rank calls it; rank 0 writes."""
+    state = {
+        **{name: part.state_dict() if part is not None else None for name, part in parts.items()},
+        **progress.to_dict(),
+        "train_sums": train_sums.cpu(),
+        "rng": _all_rng_states(group),
+        "world_size": group.world_size,
+        "arch": cfg.model.arch,
+        "config": to_dict(cfg),
+    }
+    if group.is_main:
+        save(state, folder / LAST, keep_previous=True)
+
+
+def resume(
+    folder: Path, parts: Mapping[str, Stateful | None], train_sums: torch.Tensor, group: Dist, cfg: Config
+) -> Progress | None:
+    """Loads the newest readable training state in `folder` into `parts` and `train_sums` and this
+    rank's generators; returns its progress, or None if there is nothing to resume."""
+    state = load_latest(folder)
+    if state is None:
+        return None
+    if state["arch"] != cfg.model.arch:
+        raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
+    for name, part in parts.items():
+        if part is not None and state[name] is not None:  # e.g. an EMA switched on when resuming starts afresh
+            part.load_state_dict(state[name])
+    train_sums.copy_(state["train_sums"])
+    progress = Progress.from_dict(state)
+    if state["world_size"] == group.world_size:
+        set_rng_state(state["rng"][group.rank])
+    else:  # a different number of ranks cannot replay the same random streams
+        torch.manual_seed(cfg.train.seed + 1 + group.rank + 1000 * progress.global_step)
+    return progress
+
+
+def save_best(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, epoch: int, test_acc: float) -> None:
+    """Writes best.pt: the weights to deploy (the EMA's when there is one) and what they scored."""
+    state = {"model": weights, "arch": cfg.model.arch, "epoch": epoch, "test_acc": test_acc, "config": to_dict(cfg)}
+    save(state, folder / BEST)
