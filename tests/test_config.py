@@ -122,3 +122,55 @@ def test_shipped_configs_load_and_cover_every_architecture():
             assert path.name == f"{arch}.yaml", path.name
             own.add(arch)
     assert own | {extra["tiny.yaml"]} == set(models.names())  # resnet9_tiny has only tiny.yaml
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ("model: {arch: resnet9}\noptim: {lr: .nan}\n", [], "optim.lr"),
+        ("model: {arch: resnet9}\noptim: {momentum: .inf}\n", [], "optim.momentum"),
+        ("model: {arch: resnet9}\n", ["optim.weight_decay=.NaN"], "optim.weight_decay"),
+        ("model: {arch: resnet9}\n", ["optim.label_smoothing=.nan"], "optim.label_smoothing"),
+        ("model: {arch: resnet9}\n", ["optim.warmup_epochs=.inf"], "optim.warmup_epochs"),
+        ("model: {arch: resnet9}\n", ["train.time_budget_s=.inf"], "train.time_budget_s"),
+        ("model: {arch: resnet9}\n", ["train.ema=.nan"], "train.ema"),
+        ("model: {arch: resnet9}\n", ["optim.lr=1e999"], "optim.lr"),  # a float literal that overflows to inf
+        ("model: {arch: resnet9}\n", ["optim.lr=1" + "0" * 400], "optim.lr"),  # an int no float can hold
+    ],
+)
+def test_every_float_is_finite_or_an_error(tmp_path, text, overrides, key):
+    # nan slips through every range check (`nan <= 0` is False) and inf through the lower bounds;
+    # training then fails late. The loader refuses both, naming where the value came from.
+    path = _write(tmp_path, "run.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{key}: expected a finite number" in message, message
+    assert (f"override '{overrides[0]}'" if overrides else "run.yaml") in message, message
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_data_needs_amp(dtype):
+    # Without autocast the network runs in float32, so bf16/fp16 batches would meet float32 weights
+    # in the first convolution: one config error naming both keys instead.
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.arch=resnet9_tiny", f"data.dtype={dtype}", "train.amp=false"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"data.dtype={dtype}" in message and "train.amp=false" in message and "data.dtype=float32" in message
+    assert load_config(None, ["model.arch=resnet9_tiny", "data.dtype=float32", "train.amp=false"]).train.amp is False
+    assert load_config(None, ["model.arch=resnet9_tiny", f"data.dtype={dtype}", "train.amp=true"]).data.dtype == dtype
+
+
+def test_amp_off_with_a_bf16_config_is_one_line_from_the_trainer(tmp_path, beton_dir):
+    # tiny.yaml hands out bf16 batches; turning AMP off used to die in the first forward with a
+    # long traceback and an abort (exit 134). Now the command stops before touching anything.
+    run_dir = tmp_path / "run"
+    r = run_cli("-m", "trainer", "--config", "jobs/configs/tiny.yaml", "--run-dir", str(run_dir),
+                f"data.dir={beton_dir}", "train.amp=false", "logging.mode=disabled")
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert "override 'train.amp=false'" in lines[0] and "data.dtype=float32" in lines[0]
+    assert not run_dir.exists()

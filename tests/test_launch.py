@@ -175,3 +175,44 @@ def test_plain_sbatch_script(slurm, beton_dir, tmp_path):
     wait_for(lambda: sacct_states(job_id, slurm).get(job_id) in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
     assert sacct_states(job_id, slurm)[job_id] == "COMPLETED", (tmp_path / f"slurm-{job_id}.out").read_text()[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 1
+
+
+def test_dry_run_needs_no_slurm_controller_and_quotes_commands(beton_dir, tmp_path):
+    import shlex
+    import shutil
+
+    # The controller is unreachable (SLURM_CONF names no file), and the sweep has a job submitted
+    # earlier: the dry run asks SLURM nothing, says so, and writes nothing.
+    runs = tmp_path / "runs"
+    (runs / "again").mkdir(parents=True)
+    record = {"sweep": "again", "executor": "slurm", "profile": "smoke", "archs": ["resnet9_tiny", "vgg_bn"],
+              "overrides": [], "cluster": {}, "jobs": {"resnet9_tiny": {"job_id": "4242", "submitted": "then"}}}
+    (runs / "again/sweep.json").write_text(json.dumps(record))
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    tags = "logging.tags=[a b, it's]"  # a space and a quote: the printed command must keep them
+    r = launch("--arch", "resnet9_tiny,vgg_bn", "--profile", "smoke", "--dry-run", "--sweep", "again", "--runs",
+               str(runs), f"data.dir={beton_dir}", tags, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    executor = "slurm" if shutil.which("sbatch") else "local"
+    assert f"(executor: {executor}; nothing submitted)" in r.stdout
+    commands = [shlex.split(ln.strip()) for ln in r.stdout.splitlines() if ln.strip().startswith("srun ")]
+    assert len(commands) == 2
+    for command, arch in zip(commands, ["resnet9_tiny", "vgg_bn"]):
+        assert command[:4] == ["srun", "python", "-m", "trainer"]
+        assert command[command.index("--run-dir") + 1] == str(runs / "again" / arch)
+        assert tags in command and f"data.dir={beton_dir}" in command and f"model.arch={arch}" in command
+    assert "job 4242 was submitted earlier; its state is not asked in a dry run" in r.stdout
+    assert sorted(p.name for p in (runs / "again").iterdir()) == ["sweep.json"]
+    assert json.loads((runs / "again/sweep.json").read_text()) == record
+
+
+def test_unreadable_slurm_conf_is_one_line_at_once(tmp_path, monkeypatch):
+    # SLURM's commands retry a missing SLURM_CONF for a minute before failing.
+    from trainer import UserError
+    from trainer.launch import check_slurm
+
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"SLURM_CONF=.*slurm\.conf: no such file"):
+        check_slurm()
+    assert time.monotonic() - start < 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -100,9 +101,12 @@ class TrainConfig:
     tta: bool = False  # average predictions over the image and its mirror at test time
     threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
     time_budget_s: float = 0.0  # stop after the epoch that passes this much training time (0 = no limit); the run still ends with its summary
+    # Seconds between the ranks' checks for SIGTERM/SIGUSR2 inside an epoch: a stop waits about this
+    # long; each check is one small host sync.
+    stop_check_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs")
+        _positive(self, "epochs", "stop_check_s")
         _non_negative(self, "patience", "threads", "time_budget_s")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
@@ -114,7 +118,7 @@ class LoggingConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff a key is set
     group: str | None = None  # W&B group: the sweep a run belongs to
     tags: list[str] = field(default_factory=list)
-    log_every: int = 100  # steps between train-loss points (the only per-step host syncs)
+    log_every: int = 100  # steps between train-loss points (host syncs; besides the stop checks every train.stop_check_s)
 
     def __post_init__(self) -> None:
         _positive(self, "log_every")
@@ -127,6 +131,16 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        # Without autocast the network runs in float32, and half-precision batches would meet
+        # float32 weights in the first layer. Casting them back would train on rounded images the
+        # user did not ask for, so the combination is refused instead.
+        if not self.train.amp and self.data.dtype != "float32":
+            raise ValueError(
+                f"data.dtype={self.data.dtype} needs autocast, but train.amp=false runs the network in float32; "
+                "set data.dtype=float32 (or train.amp=true)"
+            )
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -231,7 +245,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            # Every float is checked here, once: nan passes any range check (`nan <= 0` is False)
+            # and inf every lower bound, so either would only fail once training is under way.
+            try:
+                value = float(value)
+            except OverflowError:  # an int no float can hold
+                raise ConfigError(f"{key}: expected a finite number, got an integer of {len(str(value))} digits") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value}")
     elif tp is str:
         ok = isinstance(value, str)
     else:

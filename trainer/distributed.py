@@ -64,15 +64,19 @@ def setup() -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
-def teardown() -> None:
+def teardown(failed: bool = False) -> None:
     """Destroys the process group; callers drop their DDP wrapper (`del`) before calling.
 
     With gloo, destroying the group while a DDP object is alive aborts the process at exit now
     and then ("terminate called without an active exception"); collecting it first avoids that.
+    After a failure there is no barrier: the other ranks may be inside another collective (this
+    rank failed writing while they trained on) and would never reach it; they fail at their next
+    collective once this process's connections close, and the launcher ends the job.
     """
     gc.collect()
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

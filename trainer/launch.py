@@ -13,7 +13,7 @@ queued or running, and resubmits the others, which resume from their checkpoints
 Each job is one node (or --nodes K) with one task per GPU started by srun (on CPU-only clusters,
 `tasks_per_node` tasks); ranks come from submitit's TorchDistributedEnvironment. The submitted
 callable is Checkpointable: on USR2 (preemption or the time limit coming) the trainer saves a
-checkpoint at its next logging step, then submitit requeues the job, which resumes.
+checkpoint within about train.stop_check_s, then submitit requeues the job, which resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -32,7 +33,7 @@ import submitit
 
 from trainer import UserError, cli, models
 from trainer.config import ConfigError, load_config, load_dataclass, parse_override, parse_yaml
-from trainer.data.common import check_data_dir
+from trainer.data.checks import verify
 from trainer.provenance import git_sha
 from trainer.run_files import read_metrics
 
@@ -113,9 +114,14 @@ class Plan:
     def run_dir(self, arch: str) -> Path:
         return self.sweep_dir / arch
 
+    def job_overrides(self, arch: str) -> list[str]:
+        """What the job of `arch` passes to the trainer after its config file (one list for both
+        the job and the dry run's command, so the dry run shows what runs)."""
+        return [f"model.arch={arch}", *self.overrides]
+
     def command(self, arch: str) -> list[str]:
         return ["python", "-m", "trainer", "--config", str(config_path(arch)), "--run-dir", str(self.run_dir(arch)),
-                *self.overrides]
+                *self.job_overrides(arch)]
 
     def save(self) -> None:
         from trainer.files import write_text_atomic
@@ -170,9 +176,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         layers.append(("--nodes", {"nodes": args.nodes}))
     cluster = load_dataclass(ClusterConfig, layers)
 
+    # Whether SLURM answers is checked by run(), and only when something is to be submitted: a dry
+    # run shows the plan on a machine without a live controller too.
     executor = "local" if args.local or shutil.which("sbatch") is None else "slurm"
-    if executor == "slurm":
-        check_slurm()
     if executor == "local" and cluster.nodes > 1:
         raise UserError("--nodes: the local executor runs on this machine only (nodes: 1)")
     sweep = args.sweep or default_sweep_id()
@@ -183,7 +189,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # Every job's config must resolve, and its data must exist, before anything is submitted.
     for arch in archs:
         cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides])
-        check_data_dir(cfg.data.dir)
+        verify(cfg.data.dir)  # a damaged or foreign .beton fails here, before anything is queued
     return Plan(sweep, Path(args.runs) / sweep, archs, overrides, cluster, executor, args.profile)
 
 
@@ -200,6 +206,11 @@ def check_slurm() -> None:
     """One clear line instead of pages of sacct/sbatch errors when the controller is unreachable."""
     import subprocess
 
+    # SLURM's commands retry a missing SLURM_CONF for a minute before they fail.
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):
+        reason = "not a file" if os.path.exists(conf) else "no such file"
+        raise UserError(f"SLURM_CONF={conf}: {reason}; point it at the cluster's slurm.conf, or pass --local to run here")
     try:
         r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -242,8 +253,9 @@ def _previous_jobs(sweep_dir: Path) -> tuple[str | None, dict]:
         return None, {}
 
 
-def select(plan: Plan, force: bool) -> list[str]:
-    """The architectures to submit now; says why each other one is left out."""
+def select(plan: Plan, force: bool, ask_slurm: bool = True) -> list[str]:
+    """The architectures to submit now; says why each other one is left out. Without `ask_slurm`
+    (a dry run), the jobs submitted earlier are listed as if they had ended, and said to be."""
     executor, previous = _previous_jobs(plan.sweep_dir)
     plan.jobs = dict(previous)
     chosen = []
@@ -254,6 +266,11 @@ def select(plan: Plan, force: bool) -> list[str]:
             print(f"{arch:15s} finished already ({run_dir / 'summary.json'}); --force to train it again")
             continue
         if arch in previous and executor == "slurm":
+            if not ask_slurm:
+                print(f"{arch:15s} job {previous[arch]['job_id']} was submitted earlier; its state is not asked in a "
+                      f"dry run (python jobs/launch.py --status {plan.sweep})")
+                chosen.append(arch)
+                continue
             state = _job(executor, plan.sweep_dir, previous[arch]["job_id"]).state
             if state in ACTIVE_STATES:
                 print(f"{arch:15s} still {state} as job {previous[arch]['job_id']}: not submitted again")
@@ -270,7 +287,7 @@ def dry_run(plan: Plan, archs: list[str]) -> None:
                f"mem_gb={c.mem_gb} time_min={c.time_min} partition={c.partition} account={c.account} qos={c.qos} "
                f"constraint={c.constraint} signal=USR2@{c.signal_delay_s}s")
         print(f"{arch}: {res}")
-        print(f"  srun {' '.join(plan.command(arch))}")
+        print(f"  srun {shlex.join(plan.command(arch))}")  # quoted: pasted into a shell, it runs as planned
 
 
 def _move_aside(run_dir: Path) -> None:
@@ -287,7 +304,7 @@ def submit(plan: Plan, archs: list[str], force: bool) -> list:
             _move_aside(plan.run_dir(arch))
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     ex = _executor(plan)
-    calls = [TrainJob(config_path(arch), [f"model.arch={arch}", *plan.overrides], plan.run_dir(arch)) for arch in archs]
+    calls = [TrainJob(config_path(arch), plan.job_overrides(arch), plan.run_dir(arch)) for arch in archs]
     if plan.executor == "slurm":
         with ex.batch():  # one job array
             jobs = [ex.submit(call) for call in calls]
@@ -305,8 +322,8 @@ def submit(plan: Plan, archs: list[str], force: bool) -> list:
 
 def _progress(run_dir: Path) -> tuple[int, float | None]:
     try:
-        rows = read_metrics(run_dir)
-    except (OSError, ValueError):  # a damaged history shows as no progress; the report names it
+        rows = read_metrics(run_dir, skipped=[])  # a torn line is left out; the report names it
+    except (OSError, ValueError):
         return 0, None
     return (rows[-1]["epoch"], max(r["test_acc"] for r in rows)) if rows else (0, None)
 
@@ -441,7 +458,9 @@ def run(args: argparse.Namespace) -> int:
     if plan.executor == "local":
         why = "--local" if args.local else "no sbatch on PATH"
         print(f"{why}: running the jobs on this machine with submitit's local executor")
-    archs = select(plan, args.force)
+    elif not args.dry_run:  # a dry run submits nothing, so needs no controller
+        check_slurm()
+    archs = select(plan, args.force, ask_slurm=not args.dry_run)
     if args.dry_run:
         dry_run(plan, archs)
         return 0

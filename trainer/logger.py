@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import Config, to_dict
+from trainer.files import write_text_atomic
+from trainer.run_files import METRICS, read_metrics
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -59,21 +61,26 @@ class NullLogger:
 
 class RunLogger(NullLogger):
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None, resume_epoch: int) -> None:
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS
         self._keep_epochs_up_to(resume_epoch)
         self.wandb_run = self._start_wandb(run_dir, cfg, run_id)
         self.run_id = self.wandb_run.id if self.wandb_run is not None else run_id
 
     def _keep_epochs_up_to(self, epoch: int) -> None:
-        """On resume, drop lines for epochs the checkpoint does not include (written after it)."""
+        """On resume, drop lines for epochs the checkpoint does not include (written after it), and
+        lines that cannot be read: one cut short by a crash or a full disk would otherwise make every
+        resume fail, and the next line appended would be glued to it."""
         if not self.metrics_path.exists():
             return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if json.loads(ln)["epoch"] <= epoch]
-        if len(kept) != len(lines):
-            from trainer.files import write_text_atomic
-
-            write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in kept))
+        skipped: list[str] = []
+        rows = read_metrics(self.metrics_path, skipped)
+        kept = [r for r in rows if isinstance(r.get("epoch"), int) and r["epoch"] <= epoch]
+        for problem in skipped:
+            print(f"warning: {problem}; dropped it (cut short when the run stopped?)", file=sys.stderr)
+        text = self.metrics_path.read_bytes()
+        unterminated = bool(text) and not text.endswith(b"\n")  # the next line would be glued to it
+        if skipped or len(kept) != len(rows) or unterminated:
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _start_wandb(self, run_dir: Path, cfg: Config, run_id: str | None):
         self.mode = resolve_wandb_mode(cfg.logging.mode)

@@ -29,7 +29,7 @@ import torch
 from trainer import UserError, cli, models, provenance
 from trainer.bench import accuracy, loaders, steps
 from trainer.bench.common import ResultsFile, Settings, cores, full_settings, quick_settings, smoke_settings
-from trainer.data.cifar10 import data_record
+from trainer.data.checks import data_record
 from trainer.data.common import check_data_dir
 from trainer.device import device_name
 

@@ -8,7 +8,9 @@ from the official files. Without --source the official archive is downloaded wit
 Images are stored raw (lossless). Both files are written under temporary names and renamed into
 place only after everything was read, validated and written, so an interrupted run or a bad source
 never replaces good files. A sidecar (cifar10.json) records what was converted; a second run with
-the same sources finds the outputs current and does nothing.
+the same sources finds the outputs current and does nothing. Both loaders call verify() before
+reading: the files' layout, and their sizes, counts and SHA-256 against the sidecar; a run records
+the hashes computed then (data_record).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ TEST_FILES = ("test_batch",)
 META_FILE = "batches.meta"
 CASES_PER_BATCH = 10_000  # the official files': 5 x 10,000 training and 10,000 test images
 NUM_CLASSES = 10
-IMAGE_BYTES = 3 * 32 * 32
+SIDE = 32  # CIFAR-10 images are SIDE x SIDE x 3
+IMAGE_BYTES = 3 * SIDE * SIDE
+SPLITS = ("train", "test")
 # Per-channel statistics of the official training set, on the [0, 1] scale.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -143,14 +147,14 @@ def read_split(source: Path, split: str) -> Split:
     return Split(images, labels)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 
 def _describe(paths: list[Path]) -> dict:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in paths}
 
 
 def _source_files(source: Path) -> list[Path]:
@@ -205,6 +209,8 @@ def write_beton(split: Split, path: Path, workers: int) -> None:
 def prepare(out: Path, source: Path | None = None, force: bool = False, workers: int = 2) -> bool:
     """Converts CIFAR-10 into out/{train,test}.beton; returns False if they were already current."""
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before a download or a read of the source that would be wasted
+        raise DataError(f"{out}: not a folder (--out names the folder for train.beton, test.beton and {SIDECAR})")
     if source is None:
         source = download(out / "download")
     source = Path(source)
@@ -220,7 +226,10 @@ def prepare(out: Path, source: Path | None = None, force: bool = False, workers:
     splits = {name: read_split(source, name) for name in ("train", "test")}
     sources = _describe(_source_files(source))
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a parent folder belongs, a read-only file system
+        raise DataError(f"{out}: cannot create the folder ({e.strerror})") from None
     (out / SIDECAR).unlink(missing_ok=True)  # from here until the end, the old record is void
     for name, split in splits.items():
         print(f"writing {out / f'{name}.beton'} ({len(split):,} images)")
@@ -238,22 +247,6 @@ def prepare(out: Path, source: Path | None = None, force: bool = False, workers:
     write_text_atomic(out / SIDECAR, json.dumps(record, indent=2) + "\n")
     print(f"converted {source} -> {out} in {time.perf_counter() - start:.1f} s")
     return True
-
-
-def data_record(data_dir: str | Path) -> dict:
-    """What a run trained on, for its summary: the folder, the source and the outputs' hashes."""
-    data_dir = Path(data_dir)
-    try:
-        record = json.loads((data_dir / SIDECAR).read_text())
-    except (OSError, ValueError):
-        return {"dir": str(data_dir.resolve()), "source_dir": None, "train_sha256": None, "test_sha256": None}
-    outputs = record.get("outputs", {})
-    return {
-        "dir": str(data_dir.resolve()),
-        "source_dir": record.get("source_dir"),
-        "train_sha256": outputs.get("train.beton", {}).get("sha256"),
-        "test_sha256": outputs.get("test.beton", {}).get("sha256"),
-    }
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ and move batches to CUDA inside the ffcv pipeline when the device is a GPU.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
+from contextlib import suppress
+from queue import Empty
 
 import numpy as np
 import torch
 
 from trainer.config import DataConfig
+from trainer.data.checks import verify
 from trainer.data.cifar10 import MEAN, STD
 from trainer.data.common import DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, shard_indices
 from trainer.distributed import Dist
@@ -43,7 +45,19 @@ class FFCVLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
         torch.set_num_threads(self.threads)
-        return batches
+        try:
+            yield from batches
+        finally:
+            # Left mid-epoch (an error, a stop signal), ffcv's thread goes on decoding with numba,
+            # and a process that exits while it does aborts ("terminate called without an active
+            # exception"). Told to stop, the thread ends once its queue stays full for 0.5 s; a slot
+            # freed each second lets through the end-of-epoch marker it may be blocked on.
+            batches.terminate_event.set()
+            while batches.is_alive():
+                batches.join(timeout=1)
+                with suppress(Empty):
+                    batches.output_queue.get_nowait()
+            batches.close()
 
 
 def _image_pipeline(cfg: DataConfig, train: bool, device: torch.device) -> list:
@@ -82,12 +96,6 @@ def _label_pipeline(device: torch.device) -> list:
     return ops
 
 
-def num_samples(path: Path) -> int:
-    from ffcv.reader import Reader
-
-    return Reader(str(path)).num_samples
-
-
 def build_ffcv_loaders(
     cfg: DataConfig, group: Dist, seed: int = 0, threads: int | None = None
 ) -> tuple[FFCVLoader, FFCVLoader]:
@@ -96,10 +104,11 @@ def build_ffcv_loaders(
 
     device = group.device
     data_dir = check_data_dir(cfg.dir)
+    found = verify(data_dir, warn=group.rank == 0)  # before ffcv reads a byte: it trusts any file
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
 
-    n_train = num_samples(data_dir / "train.beton")
+    n_train = found["train_images"]
     if cfg.train_subset:
         n_train = min(n_train, cfg.train_subset)
     check_batch_size(cfg.batch_size, world, n_train)
@@ -117,7 +126,7 @@ def build_ffcv_loaders(
         pipelines={"image": _image_pipeline(cfg, True, device), "label": _label_pipeline(device)},
     )
 
-    n_test = num_samples(data_dir / "test.beton")
+    n_test = found["test_images"]
     if cfg.test_subset:
         n_test = min(n_test, cfg.test_subset)
     shard = shard_indices(n_test, rank, world)

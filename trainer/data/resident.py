@@ -33,11 +33,11 @@ import torch
 
 from trainer import UserError
 from trainer.config import DataConfig
-from trainer.data.cifar10 import MEAN, STD
+from trainer.data.cifar10 import MEAN, SIDE, STD
+from trainer.data.checks import open_beton, verify
 from trainer.data.common import DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, shard_indices
 from trainer.distributed import Dist
 
-SIDE = 32  # CIFAR images are SIDE x SIDE x 3
 _ORDER, _AUGMENT = 0, 1  # the purposes random streams are derived for (see _seed)
 
 
@@ -54,10 +54,9 @@ def read_beton(path: str | os.PathLike, count: int | None = None, workers: int =
     import numba
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
 
-    n = Reader(str(path)).num_samples
+    n = int(open_beton(Path(path)).num_samples)
     n = n if count is None else min(n, count)
     workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))  # ffcv refuses more than numba has
     loader = Loader(
@@ -253,6 +252,7 @@ def build_resident_loaders(
     """(train, test) resident loaders for this process, sharded by the group's rank."""
     device = group.device
     data_dir = check_data_dir(cfg.dir)
+    verify(data_dir, warn=group.rank == 0)  # before reading: ffcv trusts any file
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
     dtype = DTYPES[cfg.dtype]

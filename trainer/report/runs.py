@@ -12,6 +12,7 @@ import torch
 from trainer import UserError, models
 from trainer.config import Config, load_config
 from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
+from trainer.training import checkpoint
 
 SUMMARY_NUMBERS = ("best_test_acc", "best_epoch", "train_acc", "gap", "params", "epochs_run", "wall_time_s",
                    "best_epoch_wall_time_s", "world_size")
@@ -50,15 +51,23 @@ def is_number(value: Any) -> bool:
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
-    """The epochs, or none and the problem in one line: the report draws nothing from a damaged history."""
+    """Every readable epoch, and what was left out in one line: a line cut short by a crash or a
+    full disk costs that line, not the run's whole history."""
+    skipped: list[str] = []
     try:
-        rows = read_metrics(path)
-        for i, row in enumerate(rows, 1):
-            if not all(is_number(row.get(k)) for k in METRIC_KEYS):
-                raise ValueError(f"line {i}: expected {', '.join(METRIC_KEYS)}")
-        return rows, None
-    except (OSError, ValueError) as e:
-        return [], f"{path}: unreadable ({type(e).__name__}: {e})"
+        rows = read_metrics(path, skipped)
+    except OSError as e:
+        return [], f"{path}: unreadable ({e.strerror or e})"
+    good = []
+    for row in rows:
+        if all(is_number(row.get(k)) for k in METRIC_KEYS):
+            good.append(row)
+        else:
+            skipped.append(f"{path}: epoch {row.get('epoch', '?')} lacks a number for one of {', '.join(METRIC_KEYS)}")
+    if not skipped:
+        return good, None
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return good, f"{skipped[0]}{more}; left out, the other {len(good)} epochs kept"
 
 
 def read_run(name: str, run_dir: Path) -> Run:
@@ -119,10 +128,13 @@ def load_best(run: Run, device: torch.device, channels_last: bool = True) -> tor
     """The network of the run's checkpoints/best.pt, in eval mode on `device`."""
     path = run.dir / CHECKPOINTS / "best.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.load(path)
+    except ValueError as e:  # missing, truncated, or not weights only: name it, go on
+        raise UserError(f"{path}: unusable ({e})") from None
+    try:
         net = models.build(state["arch"])
         net.load_state_dict(state["model"])
-    except Exception as e:  # missing, truncated or from another architecture: name it, go on
-        raise UserError(f"{path}: unusable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # from another architecture, or not a best.pt
+        raise UserError(f"{path}: unusable ({checkpoint.describe_load_error(e)})") from None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return net.to(device, memory_format=fmt).eval()

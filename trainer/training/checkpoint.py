@@ -13,6 +13,7 @@ generators, the world size, the architecture and the config.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import sys
 from collections.abc import Mapping
@@ -25,7 +26,8 @@ import torch
 from trainer import UserError
 from trainer.config import Config, to_dict
 from trainer.distributed import Dist
-from trainer.files import atomic_path
+from trainer.files import atomic_path, remove_stale_temp_files
+from trainer.run_files import RESTART_HINT
 from trainer.training.progress import Progress
 
 if TYPE_CHECKING:
@@ -36,22 +38,75 @@ LAST, PREV, BEST = "last.pt", "prev.pt", "best.pt"
 
 def save(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        # Through a Python file: torch's own writer turns a full disk into "unexpected pos N vs M";
+        # a Python write raises the OSError, which torch's error then carries as its context.
+        # Unbuffered, so that the failing write is the one torch makes, not a later flush.
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                torch.save(state, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):  # e.g. ENOSPC: say so, naming the checkpoint
+                raise OSError(e.__context__.errno, e.__context__.strerror, str(path)) from None
+            raise
         if keep_previous and path.exists():
             os.replace(path, path.with_name(PREV))
 
 
+def describe_load_error(e: Exception) -> str:
+    """Why torch.load failed, in one line. torch's refusal of a pickle that is not plain weights is
+    several paragraphs advising to load it unsafely; what matters is that it was refused."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+        if "GLOBAL" in text:  # it names a function or class to call: code, not data
+            return "not a weights-only checkpoint (refused: it would run code)"
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        reason = paragraphs[1].splitlines()[-1] if len(paragraphs) > 2 else "unsupported content"
+        return f"not a weights-only checkpoint (refused: {reason})"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first.split('. ')[0]}" if first else type(e).__name__
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A checkpoint's content, read with weights_only=True; ValueError with the reason in one line
+    if the file is missing, cut short, not a checkpoint, or would run code when unpickled."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong types: all mean "not usable"
+        raise ValueError(describe_load_error(e)) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"not a checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
 def load_latest(folder: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint in `folder` (last.pt, else prev.pt), or None if there is none."""
+    """The newest readable checkpoint in `folder` (last.pt, else prev.pt), or None if there is none.
+
+    If there are checkpoints but none can be read, this raises UserError rather than returning
+    None: starting afresh would overwrite best.pt and the metrics of a run that existed.
+    """
+    problems: list[tuple[Path, str]] = []
     for name in (LAST, PREV):
         path = folder / name
         if not path.exists():
             continue
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated zip, bad pickle, wrong types: all mean "not usable"
-            print(f"warning: {path} is unreadable ({type(e).__name__}: {e}); trying an older checkpoint", file=sys.stderr)
+            state = load(path)
+        except ValueError as e:
+            problems.append((path, str(e)))
+            continue
+        for bad, why in problems:
+            print(f"warning: {bad} is unreadable ({why}); resuming from {path.name}", file=sys.stderr)
+        return state
+    if problems:
+        why = "; ".join(f"{path.name}: {reason}" for path, reason in problems)
+        raise UserError(f"{folder}: no readable checkpoint to resume from ({why}); {RESTART_HINT}")
     return None
+
+
+def remove_stale_saves(folder: Path) -> list[Path]:
+    """Removes what a save killed mid-write left in `folder` (.last.pt.*.tmp, ...); returns them.
+    Only for the process holding the run folder's lock: no one else may be saving now."""
+    return [tmp for name in (LAST, PREV, BEST) for tmp in remove_stale_temp_files(folder / name)]
 
 
 def rng_state() -> dict[str, Any]:

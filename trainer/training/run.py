@@ -8,12 +8,23 @@ epoch), checkpoints/{last,prev,best}.pt and, when the run ends, summary.json. St
 the same run folder resumes from its newest readable checkpoint — also mid-epoch: the loader
 replays that epoch's order and skips the batches already trained on. SIGTERM and SIGUSR2 stop the
 run at the next synchronisation point with a checkpoint; run the same command again to go on.
+
+One trainer at a time uses a run folder: rank 0 holds its lock (.lock, naming the holder's PID and
+host) for the whole run, and a second trainer is refused. A command that fails before training
+(bad data, an impossible batch size, another architecture's checkpoint) changes nothing in the
+folder. A folder whose checkpoints are all unreadable is refused rather than silently started
+over; --restart starts it over deliberately, keeping the old folder under another name.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,13 +32,17 @@ from typing import Any
 import torch
 
 from trainer import UserError, cli, distributed, run_files
-from trainer.config import Config, load_config, save_config
+from trainer.config import Config, load_config, to_yaml
 from trainer.device import device_name
 from trainer.distributed import Dist
-from trainer.files import write_text_atomic
+from trainer.files import FileLock, LockHeld, remove_stale_temp_files, write_text_atomic
 from trainer.logger import make_logger
+from trainer.training import checkpoint
 from trainer.training.stopping import Stopped
 from trainer.training.trainer import Trainer
+
+# What flock says on a filesystem that cannot lock (e.g. Lustre mounted without -o flock).
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def _run_dir(cfg: Config, requested: Path | None, group: Dist) -> Path:
@@ -48,21 +63,170 @@ def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | 
     raise UserError("pass --config FILE (or --run-dir of an existing run to resume it)")
 
 
+# ---- taking the run folder ----------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    """Rank 0's hold on the run folder for one command: its lock (two trainers writing one folder
+    interleave their metrics and checkpoints), and what the command did to take it, so that a
+    command failing before it writes anything leaves the folder as it found it."""
+
+    run_dir: Path
+    locks: list[FileLock] = field(default_factory=list)
+    created: bool = False  # this command made run_dir (and its lock file)
+    replaced: Path | None = None  # --restart moved the old folder here
+
+    def undo(self) -> None:
+        """Removes the folder this command created, if it still holds nothing but the lock file,
+        and puts back a folder that --restart moved aside."""
+        if self.created:
+            (self.run_dir / run_files.LOCK).unlink(missing_ok=True)
+            try:
+                self.run_dir.rmdir()  # only if empty: nothing else is ever deleted
+            except OSError:
+                return
+        if self.replaced is not None and not self.run_dir.exists():
+            self.replaced.rename(self.run_dir)
+            self.replaced = None
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+
+def _holder() -> str:
+    """Who holds a run folder, as a refused process prints it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return (f"PID {os.getpid()} on host {socket.gethostname()}" + (f" (SLURM job {job})" if job else "")
+            + f", since {datetime.now().isoformat(timespec='seconds')}")
+
+
+def _lock(claim: Claim) -> None:
+    """Creates the run folder if needed and takes its lock, or refuses naming the holder. The lock
+    lasts while this process lives: a requeued job gets it once its previous incarnation is gone."""
+    run_dir = claim.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a folder")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        claim.locks.append(FileLock.acquire(run_dir / run_files.LOCK, _holder()))
+    except LockHeld as e:
+        raise UserError(f"{run_dir}: in use by another trainer ({e.holder or 'its PID not written yet'}); "
+                        f"let it finish or stop it, or choose another --run-dir") from None
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            raise
+        print(f"warning: {run_dir}: cannot lock it on this filesystem ({e.strerror}); make sure no other trainer "
+              f"uses it", file=sys.stderr)
+    claim.created = claim.created or created  # only now: a lock file that is not ours is never removed
+
+
+def _check_history(run_dir: Path) -> None:
+    """Refuses a folder holding a run's results but no checkpoint: starting afresh would overwrite them."""
+    ckpt_dir = run_dir / run_files.CHECKPOINTS
+    if (ckpt_dir / checkpoint.LAST).exists() or (ckpt_dir / checkpoint.PREV).exists():
+        return  # resumed from, or refused by checkpoint.load_latest if none is readable
+    metrics = run_dir / run_files.METRICS
+    history = [p.name for p in (metrics, run_dir / run_files.SUMMARY) if p.exists() and p.stat().st_size > 0]
+    if history:
+        raise UserError(f"{run_dir}: holds {' and '.join(history)} but no checkpoint to resume from; "
+                        f"{run_files.RESTART_HINT}")
+
+
+def _aside(run_dir: Path) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        aside = run_dir.with_name(f"{run_dir.name}{run_files.REPLACED}{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            return aside
+    raise UserError(f"{run_dir}: too many replaced copies named {aside.name}")
+
+
+def claim_run_dir(run_dir: Path, restart: bool = False) -> Claim:
+    """Takes the run folder for this process (see Claim); with `restart`, first moves the folder
+    aside (renamed, never deleted) so the run starts afresh in an empty one."""
+    claim = Claim(run_dir)
+    try:
+        _lock(claim)
+        if restart and any(p.name != run_files.LOCK for p in run_dir.iterdir()):
+            claim.replaced = _aside(run_dir)
+            run_dir.rename(claim.replaced)  # its lock goes with it, still held: no one starts in it meanwhile
+            _lock(claim)
+        elif not restart:
+            _check_history(run_dir)
+    except BaseException as e:
+        claim.undo()
+        claim.release()
+        if isinstance(e, OSError):
+            raise UserError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+        raise
+    return claim
+
+
+def _claim_on_every_rank(run_dir: Path, restart: bool, group: Dist) -> Claim | None:
+    """Rank 0 claims the folder; every rank learns whether it could, so all fail alike if not."""
+    claim, error = None, None
+    if group.is_main:
+        try:
+            claim = claim_run_dir(run_dir, restart)
+        except UserError as e:
+            error = str(e)
+    if group.enabled:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)  # also: no rank reads the folder before --restart moved it
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return claim
+
+
+def _start_writing(cfg: Config, run_dir: Path) -> list[Path]:
+    """The first writes of a command known to be valid for its folder: removes the temporary files
+    of saves killed mid-write, and writes config.yaml if it changed. Returns the files removed."""
+    stale = checkpoint.remove_stale_saves(run_dir / run_files.CHECKPOINTS)
+    for name in (run_files.CONFIG, run_files.METRICS, run_files.SUMMARY):
+        stale += remove_stale_temp_files(run_dir / name)
+    config_path, text = run_dir / run_files.CONFIG, to_yaml(cfg)
+    if not config_path.is_file() or config_path.read_text() != text:
+        write_text_atomic(config_path, text)
+    return stale
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
 def train(
-    config: Path | None, overrides: list[str], run_dir: Path | None = None, stop_after_epoch: int | None = None
+    config: Path | None, overrides: list[str], run_dir: Path | None = None, stop_after_epoch: int | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Trains to the end and returns the summary, or raises Stopped after saving a checkpoint."""
+    """Trains to the end and returns the summary, or raises Stopped after saving a checkpoint.
+
+    Nothing in the run folder changes until the command is known to be valid for it: the folder
+    is locked, the Trainer built (the data, the batch size and the checkpoint checked), and only
+    then config.yaml written. A command that fails before that leaves the folder as it was.
+    """
     group = distributed.setup()
-    trainer = logger = None
+    trainer = logger = claim = None
+    writing = False  # the command was found valid and has begun to write into the folder
     try:
         cfg = _load_run_config(config, overrides, run_dir)
+        if restart and run_dir is None:
+            raise UserError("--restart needs --run-dir: the folder of the run to start over")
         run_dir = _run_dir(cfg, run_dir, group)
-        if group.is_main:
-            save_config(cfg, run_dir / run_files.CONFIG)
+        claim = _claim_on_every_rank(run_dir, restart, group)
         trainer = Trainer(cfg, run_dir, group, stop_after_epoch)
+        writing = True
+        stale = _start_writing(cfg, run_dir) if group.is_main else []
         progress = trainer.progress
         logger = make_logger(group.is_main, run_dir, cfg, progress.wandb_run_id, progress.epoch)
         progress.wandb_run_id = logger.run_id
+        if claim is not None and claim.replaced is not None:
+            logger.info(f"starting over: the previous run is kept in {claim.replaced}")
+        if stale:
+            names = ", ".join(p.name for p in stale)
+            logger.info(f"removed {len(stale)} temporary file(s) of saves killed mid-write: {names}")
         logger.info(
             f"{'resuming' if trainer.resumed else 'training'} {cfg.model.arch} ({trainer.params / 1e6:.2f} M params) "
             f"in {run_dir} on {group.world_size} x {device_name(group.device)}"
@@ -85,7 +249,12 @@ def train(
         if trainer is not None:
             trainer.ddp = None  # no live DDP object when the group goes (see distributed.teardown)
         del trainer
-        distributed.teardown()
+        # After a failure, no barrier: the other ranks may be inside another collective.
+        distributed.teardown(failed=sys.exc_info()[0] not in (None, Stopped))
+        if claim is not None:  # last: the folder is ours until everything above has written
+            if not writing:
+                claim.undo()
+            claim.release()
 
 
 def main() -> None:
@@ -93,12 +262,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="a YAML under jobs/configs/")
     parser.add_argument("--run-dir", type=Path, help="the run folder (default runs/<arch>-<timestamp>); resumes if it holds a checkpoint")
     parser.add_argument("--stop-after-epoch", type=int, metavar="N", help="stop after epoch N as if preempted (checkpoint, exit 0)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start the run in --run-dir over; the old folder is kept, renamed <dir>.replaced-<time>")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
     args = parser.parse_args()
 
     def run() -> int:
         try:
-            train(args.config, args.overrides, args.run_dir, args.stop_after_epoch)
+            train(args.config, args.overrides, args.run_dir, args.stop_after_epoch, args.restart)
         except Stopped:
             pass  # a clean, resumable stop: exit 0 (the message is printed already)
         return 0

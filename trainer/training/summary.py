@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from trainer import provenance
 from trainer.config import Config
-from trainer.data.cifar10 import data_record
+from trainer.data.checks import data_record
 from trainer.device import device_name
 from trainer.distributed import Dist
 from trainer.training.progress import Progress
@@ -49,6 +49,7 @@ def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: 
         "torch_version": torch.__version__,
         "git_sha": provenance.git_sha(),
         "command": provenance.command(),
+        # The record checks.verify made when the loaders were built: hashes of the files as read, not the sidecar's.
         "data": data_record(cfg.data.dir),
         "finished_at": datetime.now().isoformat(timespec="seconds"),
     }

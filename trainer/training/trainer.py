@@ -7,7 +7,7 @@ import resource
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import UserError, models, run_files
+from trainer.cli import naming
 from trainer.config import Config
 from trainer.data import build_loaders
 from trainer.data.common import default_threads
@@ -30,6 +31,47 @@ from trainer.training.progress import Best, Progress
 from trainer.training.summary import ranks_in_sync, summary
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopCheck:
+    """When, inside an epoch, the ranks next agree whether a stop signal arrived: every `every`
+    steps, with `every` adapted to the measured step time so that the checks are at most about
+    `bound_s` seconds apart, whatever the step time and the logging interval.
+
+    A signal sets a Python flag at once, but the ranks must stop after the same step, and agreeing
+    costs a collective and a host sync; doing that every step would stall a GPU's queue, so it is
+    done every `every` steps instead. The time is measured between two agreements, each of which
+    waits for the device, so it is the true time of the steps in between, on the slowest rank; all
+    ranks compute `every` from the same all-reduced numbers and so stay in step.
+    """
+
+    def __init__(self, bound_s: float, device: torch.device) -> None:
+        self.bound_s, self.device = bound_s, device
+        self.every = 1  # the first check comes after one step, then the step time is known
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def restart(self) -> None:
+        """From here on (an epoch starts): the time between epochs (evaluation, checkpoint) is no step time."""
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def due(self) -> bool:
+        """Counts a step; True when the ranks are to agree now (every rank reaches it at the same step)."""
+        self.steps += 1
+        return self.steps >= self.every
+
+    def agree(self, signum: int | None) -> int | None:
+        """The stop signal any rank received (a collective), and the interval to the next check."""
+        measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since], dtype=torch.float64,
+                                device=self.device)
+        any_signal, slowest_s = all_reduce_max(measured).tolist()
+        fits = int(self.bound_s * self.steps / slowest_s) if slowest_s > 0 else 2 * self.every
+        # At most doubling: one interval that happened to be fast cannot stretch the next one far
+        # past the bound.
+        self.every = max(1, min(fits, 2 * self.every))
+        self.restart()
+        return int(any_signal) or None
 
 
 class NonFiniteLoss(UserError):
@@ -48,6 +90,8 @@ class Trainer:
         self.stop_after_epoch = stop_after_epoch
         self.ckpt_dir = run_dir / run_files.CHECKPOINTS
         self.stop_signal: int | None = None  # set by the signal handler of this process
+        # The longest a stop signal waits for the ranks to agree on it inside an epoch.
+        self.stop_check = StopCheck(cfg.train.stop_check_s, group.device)
         device = group.device
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -108,7 +152,8 @@ class Trainer:
             group["lr"] = self.peak_lr * factor
 
     def save_last(self) -> None:
-        checkpoint.save_last(self.ckpt_dir, self._parts(), self.progress, self.train_sums, self.group, self.cfg)
+        with naming(self.ckpt_dir / checkpoint.LAST):  # a full disk: say where
+            checkpoint.save_last(self.ckpt_dir, self._parts(), self.progress, self.train_sums, self.group, self.cfg)
 
     # ---- signals ------------------------------------------------------------------------
 
@@ -144,39 +189,53 @@ class Trainer:
 
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
                    leave=False, disable=None if self.group.is_main else True, dynamic_ncols=True)
-        for i, (x, y) in enumerate(self.train_loader):
-            if i < skip:  # replaying a partly trained epoch: these batches were already used
-                continue
-            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = net(x)
-                loss = self.criterion(out, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema:
-                self.ema.update_parameters(self.model)
-            loss = loss.detach().double()
-            n = y.shape[0]
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.global_step, first_bad)
-            self.train_sums += torch.stack([loss * n, (out.argmax(1) == y).sum().double(), loss.new_tensor(n)])
-            window += torch.stack([loss * n, loss.new_tensor(n)])
-            progress.global_step += 1
-            progress.epoch_step += 1
-            bar.update()
-            if progress.global_step % cfg.logging.log_every == 0:  # the only host syncs inside an epoch
-                self._check_finite(first_bad)
-                all_reduce_sum(window)
-                logger.log_step(progress.global_step, {"loss": (window[0] / window[1]).item(),
-                                                       "lr": self.scheduler.get_last_lr()[0]})
-                window.zero_()
-                if self._signalled() is not None:
-                    bar.close()
+        self.stop_check.restart()
+        # The batches are closed however the epoch ends: an ffcv iterator left open mid-epoch (an
+        # error, a stop signal) keeps its thread decoding, and a process exiting while it does can abort.
+        with bar, closing(iter(self.train_loader)) as batches:
+            for i, (x, y) in enumerate(batches):
+                if i < skip:  # replaying a partly trained epoch: these batches were already used
+                    continue
+                loss = self._step(net, x, y)
+                n = y.shape[0]
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.global_step, first_bad)
+                window += torch.stack([loss * n, loss.new_tensor(n)])
+                progress.global_step += 1
+                progress.epoch_step += 1
+                bar.update()
+                # The only host syncs inside an epoch: the logging steps and the stop checks.
+                if progress.global_step % cfg.logging.log_every == 0:
+                    self._check_finite(first_bad)
+                    all_reduce_sum(window)
+                    logger.log_step(progress.global_step, {"loss": (window[0] / window[1]).item(),
+                                                           "lr": self.scheduler.get_last_lr()[0]})
+                    window.zero_()
+                # Not after the epoch's last step: the check between epochs comes next anyway, and a
+                # mid-epoch checkpoint then always has batches left to train.
+                if (progress.epoch_step < self.steps_per_epoch and self.stop_check.due()
+                        and self.stop_check.agree(self.stop_signal) is not None):
+                    self._check_finite(first_bad)  # the checkpoint saved next must hold finite weights
                     return False
-        bar.close()
         self._check_finite(first_bad)
         return True
+
+    def _step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the batch; adds it to the epoch's sums and returns its loss (on the
+        device: reading it would be a host sync)."""
+        with torch.autocast(self.group.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = net(x)
+            loss = self.criterion(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update_parameters(self.model)
+        loss = loss.detach().double()
+        n = y.shape[0]
+        self.train_sums += torch.stack([loss * n, (out.argmax(1) == y).sum().double(), loss.new_tensor(n)])
+        return loss
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = all_reduce_max(first_bad.clone()).item()
@@ -232,11 +291,13 @@ class Trainer:
             progress.bad_epochs = 0
             if group.is_main:
                 weights = (self.ema.module if self.ema else self.model).state_dict()
-                checkpoint.save_best(self.ckpt_dir, weights, self.cfg, progress.epoch, test_acc)
+                with naming(self.ckpt_dir / checkpoint.BEST):
+                    checkpoint.save_best(self.ckpt_dir, weights, self.cfg, progress.epoch, test_acc)
         else:
             progress.bad_epochs += 1
         self.save_last()
-        logger.log_epoch(metrics)
+        with naming(self.run_dir / run_files.METRICS):
+            logger.log_epoch(metrics)
         logger.info(
             f"epoch {progress.epoch:3d}  train loss {metrics['train_loss']:.3f} acc {train_acc:5.2f}  "
             f"test loss {test_loss:.3f} acc {test_acc:5.2f}  {metrics['images_per_s']:,.0f} img/s  "

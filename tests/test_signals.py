@@ -1,0 +1,118 @@
+"""A stop signal (SIGTERM, SIGUSR2) is honoured within seconds, whatever the logging interval: the
+ranks agree on it at an interval measured in seconds (train.stop_check_s), not in logging steps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_RUN
+from trainer.config import TrainConfig
+from trainer.training.trainer import StopCheck
+
+TINY = REPO / "jobs/configs/tiny.yaml"
+# On the CPU, where an epoch takes a minute (on a GPU it could end before the first check), and
+# with the trainer's lines arriving as it prints them.
+CPU_UNBUFFERED = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+def run_steps(check: StopCheck, steps: int, step_s: float) -> None:
+    for _ in range(steps):
+        time.sleep(step_s)  # a step of at least step_s
+        if check.due():
+            assert check.agree(None) is None
+            # Steps of at least step_s each: `every` of them never add up to more than the bound.
+            assert check.every * step_s <= check.bound_s + 1e-9
+
+
+def test_stop_check_interval_stays_within_the_bound_in_seconds():
+    run_steps(StopCheck(0.05, torch.device("cpu")), 100, 0.005)
+
+
+def test_stop_check_interval_grows_to_many_steps_when_steps_are_short():
+    check = StopCheck(1.0, torch.device("cpu"))
+    run_steps(check, 300, 0.002)
+    assert check.every >= 16  # unless a 2 ms step took over 60 ms: no sync every step
+
+
+def test_stop_check_reports_the_signal():
+    check = StopCheck(TrainConfig().stop_check_s, torch.device("cpu"))
+    assert check.due()  # the first check comes after one step
+    assert check.agree(signal.SIGUSR2) == signal.SIGUSR2
+
+
+def _start(beton_dir: Path, run_dir: Path) -> subprocess.Popen:
+    # 5,000 images in batches of 8: an epoch of 625 steps, tens of seconds on a CPU, and no logging
+    # step in it, so a stop that waited for one would wait for the epoch's end.
+    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=8",
+            "train.epochs=1", "logging.log_every=100000", "--run-dir", str(run_dir)]
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=CPU_UNBUFFERED)
+
+
+def _wait_for_training(proc: subprocess.Popen) -> None:
+    """Returns once the trainer says it is training (its signal handlers are then installed)."""
+    for line in proc.stdout:
+        if line.startswith("training "):
+            time.sleep(2)  # into the epoch
+            return
+    pytest.fail(f"the trainer ended before training: {proc.communicate()[1][-3000:]}")
+
+
+def test_sigusr2_stops_within_seconds_with_a_long_logging_interval(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(beton_dir, run_dir)
+    try:
+        _wait_for_training(proc)
+        proc.send_signal(signal.SIGUSR2)
+        signalled = time.monotonic()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still training 60 s after SIGUSR2")
+    finally:
+        proc.kill()
+    took = time.monotonic() - signalled
+    assert proc.returncode == 0, err
+    assert "stopped by signal SIGUSR2 in epoch 1" in out
+    # The bound (5 s) plus a step and the checkpoint; generous, for a loaded machine: the epoch
+    # itself takes a minute or more.
+    assert took < 20, f"{took:.1f} s from the signal to the exit"
+    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 625
+
+
+def _worker_of_rank(launcher_pid: int, rank: int) -> int:
+    """The PID of torchrun's worker with LOCAL_RANK `rank`."""
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True, check=False)
+    for pid in children.stdout.split():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"LOCAL_RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children.stdout.split()}")
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=8",
+            "train.epochs=1", "logging.log_every=100000", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_UNBUFFERED)
+    try:
+        _wait_for_training(proc)
+        # Only rank 1: rank 0 must learn of it at the next check, and both stop after the same step.
+        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGUSR2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by signal SIGUSR2 in epoch 1" in out
+    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 313  # 5,000 images / (2 x 8) per step
