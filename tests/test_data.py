@@ -87,6 +87,7 @@ def test_test_loader_yields_source_exactly(beton_dir, source_test):
     assert torch.get_num_threads() == 2  # put back after ffcv changed it
 
 
+@pytest.mark.slow
 def test_train_loader_augments_and_casts(beton_dir):
     cfg = DataConfig(dir=str(beton_dir), batch_size=250, num_workers=2, cutout=12, dtype="bfloat16", train_subset=1000)
     train, _ = build_loaders(cfg, Dist.single(), threads=1)

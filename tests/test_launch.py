@@ -77,6 +77,7 @@ def test_unknown_arch_lists_valid_names(tmp_path):
     assert r.returncode == 1 and "lenet" in r.stderr and "mobilenet_big" in r.stderr
 
 
+@pytest.mark.slow
 def test_local_executor_without_cluster(beton_dir, tmp_path):
     r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--sweep", "here", "--runs", str(tmp_path),
                f"data.dir={beton_dir}")

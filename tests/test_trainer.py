@@ -125,6 +125,7 @@ def test_truncated_last_checkpoint_falls_back_to_previous(beton_dir, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     assert trainer(*small(beton_dir), "--run-dir", str(run_dir), "--stop-after-epoch", "1").returncode == 0
@@ -200,6 +201,7 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert resolve_wandb_mode("offline") == "offline"
 
 
+@pytest.mark.slow
 def test_time_budget_stops_after_the_epoch_that_passes_it_with_a_summary(beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     r = trainer(*small(beton_dir, "train.epochs=3", "train.time_budget_s=0.001"), "--run-dir", str(run_dir))
