@@ -104,20 +104,23 @@ pid_gone() {  # PID: true once the process has exited (or is a zombie)
     [[ ! -e /proc/$1 ]] || [[ $(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) == Z ]]
 }
 
+# Send SIGNAL to PID and wait up to TENTHS tenths of a second for it to be gone.
+signal_and_wait() {  # SIGNAL PID TENTHS
+    local i
+    kill "-$1" "$2" 2>/dev/null || true
+    for ((i = 0; i < $3; i++)); do
+        pid_gone "$2" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 # Wait for a process to exit: SIGTERM, then SIGKILL after 20 s.
 stop_pid() {  # NAME PID
-    local name=$1 pid=$2 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        pid_gone "$pid" && return 0
-        sleep 0.1
-    done
+    local name=$1 pid=$2
+    signal_and_wait TERM "$pid" 200 && return 0
     say "$name (pid $pid) ignored SIGTERM for 20 s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        pid_gone "$pid" && return 0
-        sleep 0.1
-    done
+    signal_and_wait KILL "$pid" 50 && return 0
     die "$name (pid $pid) does not exit"
 }
 
