@@ -27,7 +27,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # bit for bit.
 SMALL_RUN = [
     "data.train_subset=3000", "data.test_subset=500", "data.batch_size=100", "data.flip=false", "data.translate=0",
-    "train.epochs=3", "train.ema=0.9", "logging.mode=disabled", "logging.log_every=2",
+    "train.epochs=3", "train.ema=0.9", "logging.mode=disabled", "logging.log_every=2", "data.val_split=0",
 ]
 
 
@@ -83,17 +83,32 @@ def beton_dir(tmp_path_factory, cifar_source) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    """Environment for talking to the dev cluster (slurm/devcluster/cluster.sh); starts it, installing
-    its Debian packages on first use, and stops it after the session if it was down."""
-    was_up = subprocess.run(["bash", str(DEV_CLUSTER), "status"], capture_output=True).returncode == 0
-    r = subprocess.run(["bash", str(DEV_CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+def start_cluster(nodes: int = 1) -> dict:
+    """Starts the dev cluster with `nodes` compute nodes (a no-op when it is up with as many; a
+    cluster up with another count is restarted) and returns the environment that talks to it."""
+    r = subprocess.run(["bash", str(DEV_CLUSTER), "start", "--nodes", str(nodes)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     conf = r.stdout.strip().split("SLURM_CONF=", 1)[1].strip().strip("'\"")
-    yield {**os.environ, "SLURM_CONF": conf}
+    return {**os.environ, "SLURM_CONF": conf}
+
+
+@pytest.fixture(scope="session")
+def slurm_session():
+    """Stops the dev cluster after the session if it was down before it. Every test that uses the
+    cluster depends on this (through `slurm` or a multi-node fixture), which also marks it."""
+    was_up = subprocess.run(["bash", str(DEV_CLUSTER), "status"], capture_output=True).returncode == 0
+    yield
     if not was_up:
         subprocess.run(["bash", str(DEV_CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def slurm(slurm_session) -> dict:
+    """Environment for talking to the single-node dev cluster (slurm/devcluster/cluster.sh); starts
+    it, installing its Debian packages on first use. Per test, because the multi-node tests restart
+    the cluster with several nodes: this puts the one node back (and costs 0.3 s when it is up)."""
+    return start_cluster(1)
 
 
 def pytest_collection_modifyitems(items):
@@ -101,7 +116,7 @@ def pytest_collection_modifyitems(items):
 
     for item in items:
         # A test that starts the cluster is slow and needs root: marked so `-m "not slurm"` leaves it out.
-        if "slurm" in getattr(item, "fixturenames", ()):
+        if "slurm_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
@@ -111,3 +126,17 @@ def pytest_collection_modifyitems(items):
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `python -m ...` as a user would, capturing its output."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(beton_dir, tmp_path_factory) -> Path:
+    """One epoch of tiny.yaml on the synthetic data with an offline W&B run: a finished run folder
+    (best.pt with trained BatchNorm statistics, summary, W&B records) for tests that only read one."""
+    run_dir = tmp_path_factory.mktemp("trained") / "resnet9_tiny"
+    done = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"),
+                           "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN, "train.epochs=1",
+                           "train.ema=0", "logging.mode=offline"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (run_dir / "stdout.txt").write_text(done.stdout)
+    return run_dir

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import run_cli
+from trainer.device import cpu_flags, native_bf16_cpu
 
 PROVENANCE = {"command", "git_sha", "device", "torch_version", "data", "date"}
 
@@ -37,6 +38,10 @@ def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
         assert step[key] > 0, key
     assert step["step_ratio_amp"] == pytest.approx(step["amp"] / step["eager_fp32"])
     assert step["mfu"] is None  # no GPU: no peak to divide by
+    # The bench says which precision the trainer's train.amp=auto picks on this CPU.
+    auto = "bf16" if native_bf16_cpu(cpu_flags()) else "fp32"
+    assert result["step_settings"]["amp_auto"] == auto
+    assert f"the trainer's precision here: {auto} (train.amp=auto: " in r.stdout
     assert result["time_to_accuracy"] == {"skipped": "--quick: not on a CPU"}
 
 

@@ -163,14 +163,15 @@ def test_half_precision_data_needs_amp(dtype):
     assert load_config(None, ["model.arch=resnet9_tiny", f"data.dtype={dtype}", "train.amp=true"]).data.dtype == dtype
 
 
-def test_amp_off_with_a_bf16_config_is_one_line_from_the_trainer(tmp_path, beton_dir):
-    # tiny.yaml hands out bf16 batches; turning AMP off used to die in the first forward with a
+@pytest.mark.parametrize("amp", ["false", "auto"])
+def test_amp_off_with_a_bf16_config_is_one_line_from_the_trainer(amp, tmp_path, beton_dir):
+    # speed.yaml hands out bf16 batches; turning AMP off used to die in the first forward with a
     # long traceback and an abort (exit 134). Now the command stops before touching anything.
     run_dir = tmp_path / "run"
-    r = run_cli("-m", "trainer", "--config", "jobs/configs/tiny.yaml", "--run-dir", str(run_dir),
-                f"data.dir={beton_dir}", "train.amp=false", "logging.mode=disabled")
+    r = run_cli("-m", "trainer", "--config", "jobs/configs/speed.yaml", "--run-dir", str(run_dir),
+                f"data.dir={beton_dir}", f"train.amp={amp}", "logging.mode=disabled")
     assert r.returncode == 1, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    assert "override 'train.amp=false'" in lines[0] and "data.dtype=float32" in lines[0]
+    assert f"override 'train.amp={amp}'" in lines[0] and "data.dtype=float32" in lines[0]
     assert not run_dir.exists()

@@ -174,10 +174,22 @@ def test_missing_source_folder(tmp_path):
     _assert_one_line_error(r, "nowhere", "no such folder")
 
 
-def test_without_source_the_download_fails_with_advice(tmp_path):
+def test_without_source_the_download_fails_with_advice(tmp_path, monkeypatch):
     # No internet here: the official download must fail fast with one line that says what to do.
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
     r = run_cli("-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"), timeout=120)
     _assert_one_line_error(r, "could not download", "--source")
+
+
+def test_source_comes_from_the_option_then_the_environment(cifar_source, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_SOURCE", str(cifar_source))
+    r = run_cli("-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    assert f"using CIFAR10_SOURCE={cifar_source}" in r.stdout
+    assert json.loads((tmp_path / "o" / "cifar10.json").read_text())["source_dir"] == str(cifar_source.resolve())
+    # --source wins over the environment
+    r = run_cli("-m", "trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"))
+    _assert_one_line_error(r, "nowhere", "no such folder")
 
 
 def test_interrupted_write_keeps_previous_files(good_out, cifar_source, monkeypatch):
@@ -233,7 +245,7 @@ def _rank_main(rank: int, world: int, data_dir: str, out: str, port: int) -> Non
         train, test = build_loaders(cfg, Dist(rank, rank, world, torch.device("cpu")), threads=1)
         test_x = np.concatenate([_denormalise(x) for x, _ in test])
         epochs = [np.concatenate([_denormalise(x) for x, _ in train]) for _ in range(2)]
-        np.savez(f"{out}/rank{rank}.npz", test=test_x, epoch0=epochs[0], epoch1=epochs[1])
+        np.savez(f"{out}/rank{rank}.npz", test=test_x, epoch0=epochs[0], epoch1=epochs[1], steps=len(train))
     finally:
         dist.destroy_process_group()
 
@@ -259,4 +271,21 @@ def test_loaders_shard_under_two_process_gloo_group(beton_dir, source_test, tmp_
     for epoch in ("epoch0", "epoch1"):
         a, b = key(ranks[0][epoch]), key(ranks[1][epoch])
         assert len(a) == len(b) == 1000 and not a & b
+    # data.batch_size is the global batch: 50 a rank, so as many steps as one process takes at 100.
+    assert [int(r["steps"]) for r in ranks] == [2000 // 100] * 2
     assert not np.array_equal(ranks[0]["epoch0"], ranks[0]["epoch1"])
+
+
+def test_launcher_prepares_a_data_folder_without_beton_files(cifar_source, tmp_path, monkeypatch):
+    """A newcomer's first sweep: data.dir names an empty place; the launcher converts CIFAR-10 there
+    (from CIFAR10_SOURCE here; the download elsewhere) before planning, and a second launch reuses it."""
+    monkeypatch.setenv("CIFAR10_SOURCE", str(cifar_source))
+    data = tmp_path / "fresh"
+    args = ("jobs/launch.py", "--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--dry-run",
+            "--runs", str(tmp_path / "runs"), f"data.dir={data}")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "no .beton files yet; preparing CIFAR-10" in r.stdout and f"using CIFAR10_SOURCE={cifar_source}" in r.stdout
+    assert {p.name for p in data.iterdir()} >= {"train.beton", "test.beton", "cifar10.json"}
+    again = run_cli(*args)
+    assert again.returncode == 0 and "preparing" not in again.stdout

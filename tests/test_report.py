@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from trainer.device import amp_dtype, cpu_flags, native_bf16_cpu
 from wandb_records import history, read_records
 
 CONFIGS = REPO / "jobs/configs"
@@ -37,7 +38,8 @@ def sweep(beton_dir, tmp_path_factory) -> Path:
     """runs/<sweep>/ as the launcher lays it out, trained by the real trainer."""
     sweep_dir = tmp_path_factory.mktemp("runs") / SWEEP
     jobs = {
-        # tiny.yaml: bf16 batches, AMP, flip TTA; two epochs so that images/s has an epoch after the first
+        # tiny.yaml: train.amp=auto (bf16 on this CPU only if it has native bf16), flip TTA; two epochs so
+        # that images/s has an epoch after the first
         "resnet9_tiny": small(beton_dir, "tiny.yaml", "train.epochs=2"),
         # fp32: depthwise convolutions are slower in bf16 on this CPU; the report must handle both
         "mobilenet": small(beton_dir, "mobilenet.yaml", "train.epochs=1", "train.amp=false"),
@@ -162,7 +164,10 @@ def test_deployment_figures(sweep, reported):
         # The state_dict file holds the float32 weights (and BatchNorm buffers) plus a little framing.
         weights = int(row["model_file_bytes"])
         assert 4 * summary(sweep, arch)["params"] < weights < 4 * summary(sweep, arch)["params"] * 1.2 + 200_000
-        assert row["deploy_precision"] == {"resnet9_tiny": "bf16 autocast", "mobilenet": "fp32"}[arch]
+        # Measured in the precision the run trained in (auto resolves the same way on the same machine).
+        trained = summary(sweep, arch)["amp"]
+        assert trained == {"mobilenet": "fp32", "resnet9_tiny": "bf16" if native_bf16_cpu(cpu_flags()) else "fp32"}[arch]
+        assert row["deploy_precision"] == {"bf16": "bf16 autocast", "fp32": "fp32"}[trained]
         assert row["deploy_device"].startswith("cpu (")
         # Activations of a batch of 256 come on top of the weights.
         assert number(row["peak_mem_mb"]) * 2**20 > weights
@@ -178,6 +183,7 @@ def _probabilities(run_dir: Path, beton_dir: Path) -> tuple[torch.Tensor, torch.
     from trainer.distributed import Dist
 
     cfg = load_config(run_dir / "config.yaml", [f"data.dir={beton_dir}"])
+    amp = amp_dtype(torch.device("cpu"), cfg.train.amp)
     _, test = build_loaders(cfg.data, Dist.single("cpu"), 0, 2)
     state = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     net = models.build(state["arch"]).to(memory_format=torch.channels_last)
@@ -186,7 +192,7 @@ def _probabilities(run_dir: Path, beton_dir: Path) -> tuple[torch.Tensor, torch.
     probs, labels = [], []
     with torch.no_grad():
         for x, y in test:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp):
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                 logits = net(x).float()
                 if cfg.train.tta:
                     logits = (logits + net(x.flip(-1)).float()) / 2

@@ -185,7 +185,8 @@ def test_ranks_get_disjoint_shards(beton_dir):
     shards = []
     for rank in range(2):
         loader = ResidentLoader(train.table, train.labels, cfg, train=True, seed=0, rank=rank, world=2)
-        assert len(loader) == 5 and loader.num_samples == 500
+        # data.batch_size is the global batch: 50 a rank, the 10 steps one process takes at 100.
+        assert len(loader) == 10 and loader.num_samples == 500
         shards.append([_rows_unsorted(x) for x, _ in loader])
     a, b = (set(sum(s, [])) for s in shards)
     assert len(a) == len(b) == 500 and not a & b

@@ -101,7 +101,8 @@ def _worker_of_rank(launcher_pid: int, rank: int) -> int:
 def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
-    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=8",
+    # A global batch of 16: 8 a rank.
+    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=16",
             "train.epochs=1", "logging.log_every=100000", "--run-dir", str(run_dir)]
     proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_UNBUFFERED)

@@ -67,6 +67,7 @@ def test_trains_and_writes_run_folder(uninterrupted):
     assert summary["best_test_acc"] == max(m["test_acc"] for m in rows) and summary["epochs_run"] == 3
     assert summary["test_acc"] == rows[-1]["test_acc"]
     assert summary["gap"] == pytest.approx(summary["train_acc"] - summary["best_test_acc"])
+    assert summary["compile_s"] == 0.0 and all(m["compile_s"] == 0.0 for m in rows)  # not compiled on a CPU
     assert summary["data"]["train_sha256"] and summary["arch"] == "resnet9_tiny"
     best = torch.load(uninterrupted / "checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"] and best["test_acc"] == summary["best_test_acc"]
@@ -162,9 +163,14 @@ def test_two_process_gloo_ddp_with_offline_wandb(beton_dir, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *args,
          "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_API_KEY": FAKE_KEY},
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        # Strict collectives: every tensor the trainer all-reduces or broadcasts (the EMA's too) was
+        # made on the training device, as NCCL will demand (trainer/training/collectives.py).
+        env={**os.environ, "WANDB_API_KEY": FAKE_KEY, "TRAINER_STRICT_COLLECTIVES": "1"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    # data.batch_size=100 is the global batch: 50 a rank, the 30 steps an epoch one process takes.
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["global_step"] == 2 * 3000 // 100
     rows = metrics(run_dir)
     assert [m["epoch"] for m in rows] == [1, 2] and rows[1]["train_loss"] < rows[0]["train_loss"]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -41,7 +41,9 @@ class ConfigError(UserError):
 @dataclass
 class DataConfig:
     dir: str = "data/cifar10"  # holds train.beton and test.beton (python -m trainer.data prepare)
-    batch_size: int = 256  # per process; the global batch is batch_size x world size
+    # The global batch: each of the N processes trains on batch_size / N images a step (N must divide
+    # it), so the recipe trains the same on any number of GPUs; optim.lr is per 256 images of it.
+    batch_size: int = 256
     num_workers: int = 4  # ffcv decoding threads per process
     flip: bool = True  # random horizontal flip
     translate: int = 4  # random translation by up to this many pixels (zero padding); 0 = off
@@ -54,10 +56,17 @@ class DataConfig:
     # resident: the whole set read once onto the training device, augmented there batch-wise with
     # seeded torch ops, so a resumed epoch replays its augmentations too (trainer/data/resident.py).
     loader: Literal["ffcv", "resident"] = "ffcv"
+    # Hold out N training images (N/10 per class) as a validation set: the best epoch, best.pt and
+    # early stopping are then chosen on it, never on the test set. Drawn from all of train.beton
+    # before train_subset, which then takes the first images of the rest; 0 = off (select on test).
+    val_split: int = 0
+    val_seed: int = 0  # which images are held out; the same on every rank and every resume
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "num_workers")
-        _non_negative(self, "translate", "cutout", "train_subset", "test_subset")
+        _non_negative(self, "translate", "cutout", "train_subset", "test_subset", "val_split", "val_seed")
+        if self.val_split % 10:
+            raise ValueError(f"val_split: must be a multiple of 10 (N/10 images of each class), got {self.val_split}")
 
 
 @dataclass
@@ -95,7 +104,10 @@ class TrainConfig:
     epochs: int = 150  # the budget, as the seed had
     patience: int = 20  # stop after this many epochs without a better test accuracy; 0 = never
     seed: int = 0
-    amp: bool = True  # autocast: bf16 where supported (CPU included), else fp16 with a GradScaler
+    # Autocast. auto: bf16 on GPUs that have it (fp16 with a GradScaler on older ones), and on CPUs
+    # only where bf16 is native (AVX512-BF16 or AMX), else fp32: emulated bf16 is slower than fp32.
+    # true: bf16 (fp16 on old GPUs) everywhere, emulated or not; false: fp32.
+    amp: bool | Literal["auto"] = "auto"
     compile: bool | None = None  # torch.compile; null = on for CUDA, off on the CPU
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     tta: bool = False  # average predictions over the image and its mirror at test time
@@ -104,9 +116,13 @@ class TrainConfig:
     # Seconds between the ranks' checks for SIGTERM/SIGUSR2 inside an epoch: a stop waits about this
     # long; each check is one small host sync.
     stop_check_s: float = 5.0
+    # The longest any collective (and joining the process group) may wait for the other ranks
+    # before this rank fails: a crashed or cut-off peer ends the job in this time, not NCCL's
+    # default 10 minutes or gloo's 30. Evaluation and checkpointing between two collectives must fit.
+    dist_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "stop_check_s")
+        _positive(self, "epochs", "stop_check_s", "dist_timeout_s")
         _non_negative(self, "patience", "threads", "time_budget_s")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
@@ -135,10 +151,14 @@ class Config:
     def __post_init__(self) -> None:
         # Without autocast the network runs in float32, and half-precision batches would meet
         # float32 weights in the first layer. Casting them back would train on rounded images the
-        # user did not ask for, so the combination is refused instead.
-        if not self.train.amp and self.data.dtype != "float32":
+        # user did not ask for, so the combination is refused instead. train.amp=auto turns
+        # autocast off on CPUs without native bf16, so it is refused here too, on every machine: a
+        # config that loads on a login node and fails on the compute node would be worse.
+        if self.train.amp is not True and self.data.dtype != "float32":
+            why = ("train.amp=false runs the network in float32" if self.train.amp is False else
+                   "train.amp=auto runs the network in float32 on CPUs without native bf16")
             raise ValueError(
-                f"data.dtype={self.data.dtype} needs autocast, but train.amp=false runs the network in float32; "
+                f"data.dtype={self.data.dtype} needs autocast, but {why}; "
                 "set data.dtype=float32 (or train.amp=true)"
             )
 

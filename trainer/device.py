@@ -3,10 +3,16 @@ how to wait for it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+from collections.abc import Iterable
 
 import torch
+
+# x86 flags (the `flags` line of /proc/cpuinfo) of CPUs that compute in bf16 natively. Without them
+# bf16 is emulated with fp32 instructions plus conversions, which costs more than it saves.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def device_name(device: torch.device) -> str:
@@ -15,13 +21,65 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)"
 
 
-def amp_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """The autocast dtype: bf16 wherever it exists (CPUs included), fp16 on GPUs without it, None if off."""
-    if not enabled:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo; empty where there is none (not Linux) or the file
+    has no x86 `flags` line (e.g. ARM, whose bf16 is then not detected: fp32 under train.amp=auto)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_cpu(flags: Iterable[str]) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags computes in bf16 natively."""
+    return not set(NATIVE_BF16_CPU_FLAGS).isdisjoint(flags)
+
+
+def amp_dtype(device: torch.device, amp: bool | str, flags: Iterable[str] | None = None) -> torch.dtype | None:
+    """The autocast dtype that train.amp asks for on `device`; None: no autocast (fp32).
+
+    true: bf16 wherever it exists (CPUs included, emulated or not), fp16 on GPUs without bf16.
+    false: None. "auto": as true on a GPU; on a CPU bf16 only where it is native (`flags`, default
+    this CPU's), else None. `flags` lets tests decide for a CPU they do not run on.
+    """
+    if amp not in (True, False, "auto"):
+        raise ValueError(f"train.amp: expected true, false or 'auto', got {amp!r}")
+    if amp is False:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16  # needs a GradScaler: fp16 gradients underflow without one
+    if device.type == "cuda":
+        # fp16 needs a GradScaler (the trainer makes one): fp16 gradients underflow without it.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "auto" and not native_bf16_cpu(cpu_flags() if flags is None else flags):
+        return None
     return torch.bfloat16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The precision's name in summary.json and the bench: bf16, fp16 or fp32 (no autocast)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def auto_reason(device: torch.device) -> str:
+    """Why train.amp=auto picks what it picks on `device`, in words."""
+    if device.type == "cuda":
+        return "the GPU has bf16" if torch.cuda.is_bf16_supported() else "the GPU has no bf16: fp16 with a GradScaler"
+    native = [f for f in NATIVE_BF16_CPU_FLAGS if f in cpu_flags()]
+    return f"native bf16 on this CPU ({', '.join(native)})" if native else "no native bf16 on this CPU"
+
+
+def amp_choice(device: torch.device, amp: bool | str) -> str:
+    """The precision train.amp resolves to on `device`, and why, for logs: e.g. 'fp32 (train.amp=auto:
+    no native bf16 on this CPU)'."""
+    name = precision_name(amp_dtype(device, amp))
+    if amp == "auto":
+        return f"{name} (train.amp=auto: {auto_reason(device)})"
+    return f"{name} (train.amp={str(amp).lower()})"
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from trainer import UserError
 
 
 @dataclass(frozen=True)
@@ -37,18 +45,69 @@ class Dist:
         return cls(0, 0, 1, torch.device(device))
 
 
+class SlurmStepError(UserError):
+    pass
+
+
 def _export_slurm_env() -> None:
-    """Inside an srun step with several tasks and no torch variables, derive them from SLURM's."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+    """Inside an srun step of several tasks, fills in the torch variables that are missing from SLURM's.
+
+    Only a step says how many processes there are: a batch script or an salloc shell of an
+    N-task job has SLURM_NTASKS=N and SLURM_PROCID=0 too, but it is one process, and taking N from
+    there would make it wait forever for peers that never start. Variables already set (a batch
+    script exporting MASTER_ADDR/PORT, or torchrun's) are kept: submitit's export() raises on them.
+    """
+    if "RANK" in os.environ or "SLURM_JOB_ID" not in os.environ:
+        return  # torchrun (or a user) set the ranks, or not under SLURM at all
+    if "SLURM_STEP_ID" not in os.environ:
+        tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+        if tasks > 1:
+            raise SlurmStepError(
+                f"this process runs inside SLURM job {os.environ['SLURM_JOB_ID']} of {tasks} tasks but not in an srun "
+                "step, so it would train alone; start one trainer per task with `srun python -m trainer ...`"
+            )
+        return
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return
     import submitit
 
     # submitit recognises a SLURM job by this variable, which only its own batch files set.
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    env = submitit.helpers.TorchDistributedEnvironment()  # the master: the job's first host; the port: from the job id
+    derived = {
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+        "RANK": str(env.rank),
+        "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],  # the step's tasks, not the job's
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.local_world_size),
+    }
+    for key, value in derived.items():
+        os.environ.setdefault(key, value)
 
 
-def setup() -> Dist:
+def _check_master(rank: int) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT, checked before joining: torch retries an unresolvable name until
+    its timeout, so a typo or a missing hosts entry would look like a hang."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not addr or not port.isdigit():
+        raise UserError(f"rank {rank}: MASTER_ADDR and MASTER_PORT must be set for a distributed run "
+                        f"(got {addr!r} and {port!r}); start the trainer with torchrun or srun")
+    try:
+        socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"rank {rank} on {socket.gethostname()}: MASTER_ADDR={addr} does not resolve ({e.strerror}); "
+                        "every host must resolve the first host's name (DNS or /etc/hosts)") from None
+    return addr, int(port)
+
+
+def setup(timeout_s: float = 300.0) -> Dist:
+    """Joins the process group (if there are several processes) and picks this process's device.
+
+    `timeout_s` (train.dist_timeout_s) bounds joining and every collective afterwards: a rank
+    whose peer crashed, hangs or lost its network fails after at most that long instead of
+    waiting forever (NCCL's and gloo's defaults are 10 and 30 minutes).
+    """
     _export_slurm_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -59,9 +118,73 @@ def setup() -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        addr, port = _check_master(rank)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None)
+        # NCCL enforces the timeout only with async error handling, which torch turns on by
+        # default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3); a GPU run must confirm a dead peer ends the job.
+        where = f"rank {rank} on {socket.gethostname()}: cannot join the process group at {addr}:{port}"
+        hint = "if the port is taken, set MASTER_PORT to a free one"
+        # torch's own timeout does not cover every way of waiting here: a client whose master
+        # port is held by some other program connects and then waits for an answer forever.
+        with _deadline(timeout_s, f"error: {where} (no answer in train.dist_timeout_s={timeout_s:g} s); {hint}"):
+            try:
+                dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                        timeout=timedelta(seconds=timeout_s),
+                                        device_id=device if backend == "nccl" else None)
+            except dist.DistError as e:
+                raise UserError(f"{where} ({_first_line(e)}); {hint}") from None
     return Dist(rank, local_rank, world_size, device)
+
+
+@contextmanager
+def _deadline(seconds: float, message: str) -> Iterator[None]:
+    """Ends the process with `message` (exit 1) if the block has not finished after `seconds`.
+    Only for a block that holds nothing to clean up: the process exits at once."""
+
+    def expire() -> None:
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an error came from the process group: gloo raises plain RuntimeErrors naming its
+    sources, NCCL and c10d raise DistErrors."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and ("/gloo/" in text or "NCCL" in text))
+
+
+class PeerLost(UserError):
+    pass
+
+
+def describe_collective_failure(e: BaseException, rank: int, timeout_s: float) -> PeerLost:
+    """One line for a collective that failed: a peer died (its sockets closed) or went silent
+    (the timeout). The peer's own error, if it had one, is in its own log."""
+    return PeerLost(f"rank {rank} on {socket.gethostname()}: lost the other ranks ({_first_line(e)}); another rank "
+                    f"failed or was killed, or the network between hosts broke (train.dist_timeout_s={timeout_s:g})")
+
+
+def hosts(group: Dist) -> list[str]:
+    """The distinct host names the ranks run on, sorted (a collective: every rank calls it)."""
+    names = [socket.gethostname()]
+    if group.enabled:
+        gathered: list[str | None] = [None] * group.world_size
+        dist.all_gather_object(gathered, names[0])
+        names = [n for n in gathered if n is not None]
+    return sorted(set(names))
 
 
 def teardown(failed: bool = False) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from trainer.config import Config, to_dict
 from trainer.files import write_text_atomic
-from trainer.run_files import METRICS, read_metrics
+from trainer.run_files import METRICS, WANDB, read_metrics
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -55,6 +55,9 @@ class NullLogger:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
+    def log_model(self, path: Path, arch: str, metadata: dict[str, Any]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -65,6 +68,8 @@ class RunLogger(NullLogger):
         self._keep_epochs_up_to(resume_epoch)
         self.wandb_run = self._start_wandb(run_dir, cfg, run_id)
         self.run_id = self.wandb_run.id if self.wandb_run is not None else run_id
+        if self.wandb_run is not None:
+            self._announce(run_dir)
 
     def _keep_epochs_up_to(self, epoch: int) -> None:
         """On resume, drop lines for epochs the checkpoint does not include (written after it), and
@@ -100,19 +105,51 @@ class RunLogger(NullLogger):
                 id=run_id,
                 resume="allow",
                 mode=self.mode,
-                settings=wandb.Settings(console="off", quiet=True, silent=True),
+                # console capture: the run page shows the log (output.log offline); quiet: the
+                # link is printed by _announce, once, rather than wandb's banner on every start
+                settings=wandb.Settings(console="auto", quiet=True, silent=True),
             )
-            # Epoch is the x-axis of the per-epoch charts; the dashboard keeps the best test accuracy.
+            # Epoch is the x-axis of the per-epoch charts; the dashboard keeps the best test and
+            # validation accuracies.
             run.define_metric("epoch")
-            for prefix in ("train/*", "test/*", "perf/*", "lr"):
+            for prefix in ("train/*", "val/*", "test/*", "perf/*", "lr"):
                 run.define_metric(prefix, step_metric="epoch")
             run.define_metric("test/acc", step_metric="epoch", summary="max")
+            run.define_metric("val/acc", step_metric="epoch", summary="max")
             run.define_metric("step")
             run.define_metric("step/*", step_metric="step")
             return run
         except Exception as e:
             self.info(f"warning: W&B could not start ({type(e).__name__}: {e}); training goes on without it")
             return None
+
+    def _announce(self, run_dir: Path) -> None:
+        """Says where the run can be followed, and records it in the run folder for `launch.py --status`
+        and for syncing a sweep's offline runs in one command."""
+        run = self.wandb_run
+        offline_dir = Path(run.dir).parent  # .../wandb/offline-run-*/files -> the W&B run folder
+        record = {"id": run.id, "mode": self.mode, "project": run.project, "group": run.group or None,
+                  "url": run.url if self.mode == "online" else None,
+                  "offline_dir": str(offline_dir) if self.mode == "offline" else None}
+        write_text_atomic(run_dir / WANDB, json.dumps(record, indent=2) + "\n")
+        if record["url"]:
+            self.info(f"W&B run: {record['url']}")
+        else:
+            self.info(f"W&B run {run.id} is offline in {offline_dir} (upload: wandb sync {offline_dir})")
+
+    def log_model(self, path: Path, arch: str, metadata: dict[str, Any]) -> None:
+        """Logs the run's best weights as a model artifact, aliases `best` and the architecture, so the
+        W&B model registry and the runs table lead to the file. W&B trouble costs only the upload."""
+        if self.wandb_run is None or not path.is_file():
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(f"{arch}-{self.wandb_run.id}", type="model", metadata={"arch": arch, **metadata})
+            artifact.add_file(str(path), name=path.name)
+            self.wandb_run.log_artifact(artifact, aliases=["best", arch])
+        except Exception as e:
+            self.info(f"warning: W&B could not log {path} as a model artifact ({type(e).__name__}: {e})")
 
     def info(self, message: str) -> None:
         from tqdm import tqdm
@@ -128,7 +165,7 @@ class RunLogger(NullLogger):
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb_run is not None:
-            groups = {"train_": "train/", "test_": "test/"}
+            groups = {"train_": "train/", "val_": "val/", "test_": "test/"}
             row = {}
             for key, value in metrics.items():
                 prefix = next((p for p in groups if key.startswith(p)), None)

@@ -19,6 +19,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+WANDB = "wandb.json"  # the run's W&B id, mode and URL (or offline folder), for --status and the sweep's sync
 REPLACED = ".replaced-"  # --restart renames the old run folder <dir>.replaced-<time>, never deletes it
 RESTART_HINT = f"to start this run over deliberately, add --restart (the old folder is kept as <dir>{REPLACED}<time>)"
 

@@ -16,8 +16,9 @@
 #            part times resnet9 and resnet only (KIT_BENCH_ARGS): more compiles would not fit. The
 #            bench rewrites its JSON after every part, so a bench cut by its time limit keeps the
 #            parts it finished. --cpu: --quick, parts loader and step
-#   sweep    python jobs/launch.py --all --local --profile gpu_check -C gpus_per_node=1: the seven
-#            run at once on the one GPU, each stopped by train.time_budget_s, then the launcher's report
+#   sweep    python jobs/launch.py --all --local --profile gpu_check -C gpus_per_node=1 -C jobs_per_gpu=7
+#            -C array_parallelism=7: the seven run at once on the one GPU, each stopped by
+#            train.time_budget_s, then the launcher's report
 #   report   python jobs/report.py --no-deploy, only if the sweep ended without its report.md
 #
 # and, whatever happened, OUT gets (at most 8 files, none in subfolders, as the device tool returns):
@@ -184,7 +185,7 @@ if ! skipped sweep; then
     log "sweep: ${limit} s in all, train.time_budget_s=${budget} per job"
     # shellcheck disable=SC2086
     stage sweep "$limit" "$PY" jobs/launch.py "${which[@]}" --local --profile gpu_check --runs "$WORK/runs" --sweep "$SWEEP" \
-        -C gpus_per_node=$GPUS data.dir="$DATA_DIR" "${SIZE[@]}" train.time_budget_s="$budget" \
+        -C gpus_per_node=$GPUS -C jobs_per_gpu=7 -C array_parallelism=7 data.dir="$DATA_DIR" "${SIZE[@]}" train.time_budget_s="$budget" \
         ${KIT_SWEEP_ARGS:-} || log "the sweep ended with an error or ran out of time: reporting what finished"
     if [[ -d $SWEEP_DIR && ! -f $SWEEP_DIR/report.md ]]; then  # the sweep ran out of time before its report
         left=60

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for development and CI.
+# A real SLURM cluster on this machine, for development and CI: one compute node, or N compute
+# "hosts" (each a slurmd in its own network, UTS and mount namespace) on a private bridge.
 #
 #   slurm/devcluster/cluster.sh COMMAND
 #
 #   install   install the Debian packages if missing (root; fast no-op when present)
-#   start     install if needed, then start munged, MariaDB, slurmdbd, slurmctld, slurmd and wait
-#             until a job runs (a probe job, "cluster-ready"); prints `export SLURM_CONF=...` on
-#             stdout, progress on stderr, so eval "$(slurm/devcluster/cluster.sh start)" works
+#   start [--nodes N]
+#             install if needed, then start munged, MariaDB, slurmdbd, slurmctld and the slurmd(s)
+#             and wait until a job runs (a probe job, "cluster-ready"); prints `export SLURM_CONF=...`
+#             on stdout, progress on stderr, so eval "$(slurm/devcluster/cluster.sh start)" works.
+#             N=1 (the default): one node named after this machine, everything on 127.0.0.1.
+#             N>1: hosts node1..nodeN (see "Several nodes" below). A cluster that is up with another
+#             N is stopped and started again with this one; leftovers of a crashed cluster
+#             (namespaces, links, stray slurmd) are removed first.
 #   stop      cancel the cluster's jobs (running ones get 3 s to end on their own), stop the
-#             daemons, wait for them to exit
-#   status    say which daemons run, print sinfo (exit 0 all up, 3 otherwise)
+#             daemons, wait for them to exit; remove the nodes' namespaces, links and bridge
+#   status    say which daemons run (one slurmd per node), print sinfo (exit 0 all up, 3 otherwise)
 #   env       print `export SLURM_CONF=...`:  eval "$(slurm/devcluster/cluster.sh env)"
 #
 # The daemons' config files are written on every start from templates/*.in beside this script
@@ -23,7 +29,8 @@
 #
 # Everything (configs, munge key and socket, MariaDB datadir and socket, slurm state, spool, logs,
 # pid files) lives under one folder outside the checkout: $SLURM_ROOT, default
-# /tmp/cifar-infinity-slurm. Nothing is written to /etc or /var. There is no init system here
+# /tmp/cifar-infinity-slurm. Nothing is written to /etc or /var (except the named network
+# namespaces `ip netns` keeps under /var/run/netns while N>1 nodes run). There is no init system here
 # (package post-install scripts say "policy-rc.d denied execution of start": expected), so every
 # daemon is started by hand and stopped through its pid file. PID 1 on these machines reaps
 # orphans lazily: right after `stop`, `pgrep` may still list the daemons as <defunct> for a few
@@ -34,6 +41,18 @@
 # outlives the cluster and a later start begins with an empty queue. To reset everything:
 # `slurm/devcluster/cluster.sh stop && rm -rf "$SLURM_ROOT"`.
 #
+# Several nodes (start --nodes N, N>1), as ../shared/docs/multinode-slurm.md describes: a bridge
+# in this (root) namespace holds the controller's address 169.254.100.1/24; node I is a network
+# namespace with a veth `eth0` on that bridge at 169.254.100.(10+I), where its slurmd runs with host
+# name nodeI and a private mount of a hosts file (the machine's, plus every node and the
+# controller) over /etc/hosts, so node names resolve, forwards and backwards, inside jobs. Job steps
+# inherit their slurmd's namespaces: a task on nodeI sees host name nodeI and its own eth0, and
+# the same file system, as on a cluster with a shared file system. Each node gets 1/N of the
+# cores (at least one) and of the memory. Link-local addresses on a private bridge are routed
+# nowhere: nothing leaves the machine. MariaDB, slurmdbd and slurmctld stay in the root namespace.
+# Only one multi-node cluster per machine (the subnet is fixed); the names of its namespaces and
+# links carry SLURM_PORT_BASE, so another cluster's start or stop never touches them.
+#
 # Environment knobs:
 #   SLURM_ROOT           root folder (default /tmp/cifar-infinity-slurm)
 #   SLURM_PORT_BASE      slurmctld=BASE, slurmd=BASE+1, slurmdbd=BASE+2, MariaDB=BASE+3
@@ -42,10 +61,12 @@
 #   SLURM_READY_TIMEOUT  seconds each readiness check may take (default 60)
 set -euo pipefail
 
-# gettext-base: envsubst, which fills in the config templates.
-PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server gettext-base)
+# gettext-base: envsubst, which fills in the config templates. iproute2 (ip) and util-linux
+# (nsenter, unshare): the namespaces and links of a multi-node cluster.
+PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server gettext-base iproute2 util-linux)
 CLUSTER_NAME=cifar            # lowercase, no '-': it prefixes the accounting tables in MariaDB
 PARTITION=debug
+MAX_NODES=50                  # node I's address is 169.254.100.(10+I)
 
 ROOT=$(realpath -m "${SLURM_ROOT:-/tmp/cifar-infinity-slurm}")
 PORT_BASE=${SLURM_PORT_BASE:-6817}
@@ -65,25 +86,56 @@ DB_DATA=$DB_DIR/data
 DB_SOCK=$DB_DIR/mariadb.sock
 DB_PASS_FILE=$DB_DIR/slurm.pass
 STATE=$ROOT/state                  # slurmctld StateSaveLocation
-SPOOL=$ROOT/spool                  # slurmd SlurmdSpoolDir (slurmstepd sockets)
+SPOOL=$ROOT/spool                  # slurmd SlurmdSpoolDir (slurmstepd sockets); one subfolder per node when N>1
 LOG=$ROOT/log
 RUN=$ROOT/run                      # pid files
+NODES_FILE=$ETC/nodes              # how many nodes the last start asked for
+HOSTS_FILE=$ETC/hosts              # the nodes' /etc/hosts (N>1)
+
+# The multi-node network. Interface names are at most 15 characters: "s6817br", "s6817v12".
+SUBNET=169.254.100
+CTLD_NET_ADDR=$SUBNET.1
+BRIDGE=s${PORT_BASE}br
+VETH_PREFIX=s${PORT_BASE}v         # + I: the root-namespace end of node I's veth pair
+NS_PREFIX=slurm${PORT_BASE}-       # + nodeI: node I's network namespace
 
 # Every slurm command below (and every command a user runs against this cluster) must find this
 # config; exported here so sinfo/scontrol/sacctmgr/scancel and the daemons all use it.
 export SLURM_CONF=$ETC/slurm.conf
 
-# name:pidfile, in start order; stop goes in reverse.
+# name:pidfile, in start order; stop goes in reverse. The slurmd(s) come after these (one per node).
 DAEMONS=(
     "munged:$MUNGE_DIR/munged.pid"
     "mariadbd:$DB_DIR/mariadbd.pid"
     "slurmdbd:$RUN/slurmdbd.pid"
     "slurmctld:$RUN/slurmctld.pid"
-    "slurmd:$RUN/slurmd.pid"
 )
 
 say() { echo "cluster.sh: $*" >&2; }
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
+
+# --- nodes ---------------------------------------------------------------------------------------
+
+# The node count the cluster was last started with (1 if it never was).
+recorded_nodes() {
+    local n
+    n=$(cat "$NODES_FILE" 2>/dev/null || true)
+    [[ $n =~ ^[1-9][0-9]*$ ]] && echo "$n" || echo 1
+}
+
+node_names() {  # N: the compute nodes' names
+    local i
+    if (($1 == 1)); then
+        hostname -s
+    else
+        for ((i = 1; i <= $1; i++)); do echo "node$i"; done
+    fi
+}
+
+# One node's slurmd pid file; SLURM writes it where slurm.conf's SlurmdPidFile says (%n = node).
+slurmd_pidfile() {  # N NODE
+    if (($1 == 1)); then echo "$RUN/slurmd.pid"; else echo "$RUN/slurmd-$2.pid"; fi
+}
 
 # --- processes -----------------------------------------------------------------------------------
 
@@ -142,6 +194,19 @@ port_free() {  # PORT: true if nothing accepts connections on 127.0.0.1:PORT
     ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# This cluster's processes named NAME (slurmd, slurmstepd), found by the SLURM_CONF they inherit
+# from this script, with or without a pid file: a crashed cluster's slurmd left its pid file behind
+# or lost it.
+cluster_procs() {  # NAME
+    local pid
+    for pid in $(pgrep -x "$1" || true); do
+        # (The process may end while we look: silence the shell's own redirection error too.)
+        if { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qx "SLURM_CONF=$SLURM_CONF"; then
+            pid_gone "$pid" || echo "$pid"
+        fi
+    done
+}
+
 # --- install -------------------------------------------------------------------------------------
 
 missing_packages() {
@@ -188,8 +253,9 @@ fill() {
     mv "$ETC/$name.tmp" "$ETC/$name"
 }
 
-write_configs() {
-    local hw field mem_kb HOST CPUS BOARDS SOCKETS CORES THREADS REAL_MEM DB_PASS
+write_configs() {  # N
+    local n=$1 hw field mem_kb i cpus mem HOST CPUS BOARDS SOCKETS CORES THREADS REAL_MEM DB_PASS
+    local CTLD_ADDR COMM_PARAMS NODE_LINES SLURMD_SPOOL SLURMD_PIDFILE SLURMD_LOGFILE
     HOST=$(hostname -s)
     hw=$(slurmd -C | head -n 1)
     for field in CPUs Boards SocketsPerBoard CoresPerSocket ThreadsPerCore; do
@@ -201,6 +267,31 @@ write_configs() {
     mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
     REAL_MEM=$((mem_kb * 9 / 10 / 1024))
     DB_PASS=$(cat "$DB_PASS_FILE")
+    if ((n == 1)); then
+        # Everything on the loopback address: the host name need not resolve, nothing listens outside.
+        # The hardware as `slurmd -C` reports it: CPUs alone makes slurmd complain that the node
+        # "reconfigured socket/core boundaries".
+        CTLD_ADDR=127.0.0.1 COMM_PARAMS=NoInAddrAny,NoCtldInAddrAny
+        NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Boards=$BOARDS SocketsPerBoard=$SOCKETS"
+        NODE_LINES+=" CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$REAL_MEM State=UNKNOWN"
+        SLURMD_SPOOL=$SPOOL SLURMD_PIDFILE=$RUN/slurmd.pid SLURMD_LOGFILE=$LOG/slurmd.log
+    else
+        # A share of the machine per node. Every slurmd still detects the whole machine;
+        # SlurmdParameters=config_overrides (in the template) makes it register what this line
+        # says instead, so a node with fewer CPUs than the machine is not drained for it.
+        CTLD_ADDR=$CTLD_NET_ADDR COMM_PARAMS=NoCtldInAddrAny
+        cpus=$((CPUS / n > 0 ? CPUS / n : 1))
+        mem=$((REAL_MEM / n))
+        ((CPUS >= n)) || say "warning: $n nodes on $CPUS CPUs: each node gets 1 CPU (the cores are overcommitted)"
+        NODE_LINES=""
+        for ((i = 1; i <= n; i++)); do
+            NODE_LINES+="NodeName=node$i NodeAddr=$SUBNET.$((10 + i)) CPUs=$cpus Boards=1 SocketsPerBoard=1"
+            NODE_LINES+=" CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN"$'\n'
+        done
+        NODE_LINES=${NODE_LINES%$'\n'}
+        # One path in slurm.conf for every slurmd; SLURM puts each node's name in for %n.
+        SLURMD_SPOOL=$SPOOL/%n SLURMD_PIDFILE=$RUN/slurmd-%n.pid SLURMD_LOGFILE=$LOG/slurmd-%n.log
+    fi
     fill slurm.conf
     (umask 077; fill slurmdbd.conf)
     fill my.cnf
@@ -226,21 +317,97 @@ make_folders() {
     fi
 }
 
+# --- network (N>1) -------------------------------------------------------------------------------
+
+# The nodes' /etc/hosts: the machine's lines, less those naming this machine (inside a node,
+# 127.0.0.1 is the node's own loopback), then the controller and every node, so that node names
+# resolve and every address resolves back to its name. c10d looks up the name of each peer that
+# connects to its dual-stack listening socket, where an IPv4 peer has the IPv4-mapped IPv6 address
+# (::ffff:169.254.100.12); without those lines too the lookup goes to DNS, which no node can reach,
+# and c10d warns "The hostname of the client socket cannot be retrieved".
+write_hosts() {  # N
+    local i host
+    host=$(hostname -s)
+    {
+        echo "# written by slurm/devcluster/cluster.sh; bind-mounted over /etc/hosts inside each node"
+        awk -v h="$host" '{ for (f = 2; f <= NF; f++) if ($f == h || $f ~ "^" h "\\.") next; print }' /etc/hosts
+        echo "$CTLD_NET_ADDR $host"
+        for ((i = 1; i <= $1; i++)); do echo "$SUBNET.$((10 + i)) node$i"; done
+        echo "::ffff:$CTLD_NET_ADDR $host"
+        for ((i = 1; i <= $1; i++)); do echo "::ffff:$SUBNET.$((10 + i)) node$i"; done
+    } >"$HOSTS_FILE.tmp"
+    mv "$HOSTS_FILE.tmp" "$HOSTS_FILE"
+}
+
+net_up() {  # N
+    local i ns
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$CTLD_NET_ADDR/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+    for ((i = 1; i <= $1; i++)); do
+        ns=${NS_PREFIX}node$i
+        ip netns add "$ns"
+        ip link add "$VETH_PREFIX$i" type veth peer name eth0 netns "$ns"
+        ip link set "$VETH_PREFIX$i" master "$BRIDGE" up
+        ip -n "$ns" addr add "$SUBNET.$((10 + i))/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        ip -n "$ns" link set lo up
+    done
+}
+
+# This cluster's namespaces, including those of a previous start with another N.
+cluster_namespaces() {
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}node[0-9]+$" || true
+}
+
+# Ends what is left in the nodes' namespaces (job processes whose slurmstepd is gone), then
+# removes the veths, the namespaces and the bridge. Safe to run when none of them exist.
+net_down() {
+    local ns pid link
+    for ns in $(cluster_namespaces); do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            say "stopping leftover process $pid ($(cat "/proc/$pid/comm" 2>/dev/null)) in $ns"
+            signal_and_wait TERM "$pid" 30 || signal_and_wait KILL "$pid" 50 || die "process $pid in $ns does not exit"
+        done
+    done
+    # Deleting one end of a veth pair deletes the other. Deleting a namespace deletes its end too,
+    # but the kernel does that later, asynchronously: the veths go first, and one already gone is fine.
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^${VETH_PREFIX}[0-9]+$" || true); do
+        ip link del "$link" 2>/dev/null || true
+    done
+    for ns in $(cluster_namespaces); do
+        ip netns del "$ns"
+    done
+    if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link del "$BRIDGE"
+    fi
+}
+
 # --- start ---------------------------------------------------------------------------------------
 
-all_running() {
+slurmds_running() {  # N: every node's slurmd is alive
+    local node
+    for node in $(node_names "$1"); do
+        live_pid slurmd "$(slurmd_pidfile "$1" "$node")" >/dev/null || return 1
+    done
+}
+
+all_running() {  # N
     local entry
     for entry in "${DAEMONS[@]}"; do
         live_pid "${entry%%:*}" "${entry#*:}" >/dev/null || return 1
     done
+    slurmds_running "$1"
 }
 
-any_running() {
+# Anything of this cluster still there: a daemon, a slurmd or slurmstepd, a namespace, the bridge.
+anything_left() {
     local entry
     for entry in "${DAEMONS[@]}"; do
         live_pid "${entry%%:*}" "${entry#*:}" >/dev/null && return 0
     done
-    return 1
+    [[ -n $(cluster_procs slurmd)$(cluster_procs slurmstepd)$(cluster_namespaces) ]] && return 0
+    ip link show "$BRIDGE" >/dev/null 2>&1
 }
 
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -248,8 +415,10 @@ ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 munge_ok() { munge -n -S "$MUNGE_SOCK" | unmunge -S "$MUNGE_SOCK"; }
 mariadb_ok() { mariadb-admin --no-defaults -S "$DB_SOCK" -u root ping; }
 dbd_ok() { sacctmgr -n list cluster; }
-# The node accepts work: idle, or busy with jobs (it may hold jobs from before a restart).
-node_ok() { sinfo -h -o %T | grep -Eqx 'idle|mixed|allocated'; }
+# Every node accepts work: idle, or busy with jobs (it may hold jobs from before a restart).
+nodes_ok() {  # N
+    [[ $(sinfo -h -N -o '%N %T' 2>/dev/null | grep -Ec ' (idle|mixed|allocated)$') -ge $1 ]]
+}
 
 start_munged() {
     rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
@@ -257,7 +426,6 @@ start_munged() {
         --log-file="$LOG/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
     wait_for "munged" "$LOG/munged.log" munge_ok
 }
-
 start_mariadb() {
     if [[ ! -d $DB_DATA/mysql ]]; then
         say "initialising MariaDB in $DB_DATA"
@@ -289,43 +457,80 @@ start_slurmdbd() {
     fi
 }
 
-start_slurmctld() {
-    slurmctld  # forks; keeps jobs and node state from $STATE
+start_slurmctld() {  # N
+    if (($1 == 1)); then
+        slurmctld  # forks; keeps jobs and node state from $STATE
+    else
+        # With NoCtldInAddrAny slurmctld listens on the address its host name resolves to, which in
+        # this namespace's /etc/hosts is 127.0.0.1, out of the nodes' reach. In a mount namespace of
+        # its own it sees the nodes' hosts file, where the name is the bridge's address.
+        unshare --mount --propagation private \
+            sh -c 'mount --bind "$1" /etc/hosts && exec slurmctld' sh "$HOSTS_FILE"
+    fi
     wait_for "slurmctld" "$LOG/slurmctld.log" ctld_up
 }
 
-start_slurmd() {
-    slurmd  # forks
-    wait_for "slurmd (node idle)" "$LOG/slurmd.log" node_ok
+start_slurmds() {  # N
+    local n=$1 i log=$LOG/slurmd.log
+    if ((n == 1)); then
+        slurmd  # forks
+    else
+        log=$LOG/slurmd-node1.log
+        for ((i = 1; i <= n; i++)); do
+            mkdir -p "$SPOOL/node$i"
+            # nsenter, not `ip netns exec`: that remounts /sys for the namespace, which hides
+            # /sys/fs/cgroup, and slurmd then fails to start. The UTS and mount namespaces are the
+            # node's own: its host name, and the hosts file over /etc/hosts. slurmd forks and the
+            # daemon keeps the namespaces alive; its job steps inherit them.
+            nsenter --net="/var/run/netns/${NS_PREFIX}node$i" \
+                unshare --uts --mount --propagation private \
+                sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd' sh "node$i" "$HOSTS_FILE"
+        done
+    fi
+    wait_for "slurmd (all $n node(s) idle)" "$log" nodes_ok "$n"
 }
 
 # For about 3 s after it starts, slurmctld leaves batch jobs pending (its first scheduling pass
 # comes late; srun allocations are not delayed). Run one tiny batch job to the end here, so that
 # the cluster `start` hands over runs the next job at once, and so that accounting is checked end
-# to end (sacct must report the job COMPLETED). It shows in sacct as "cluster-ready".
+# to end (sacct must report the job COMPLETED). It shows in sacct as "cluster-ready". On several
+# nodes it spans them all, so every node has run a job step.
 probe_done() { [[ $(sacct -n -X -P -j "$1" -o State 2>/dev/null) == COMPLETED ]]; }
 
-probe_job() {
+probe_job() {  # N
     local t0=$SECONDS jid
-    jid=$(sbatch --parsable --job-name=cluster-ready --partition="$PARTITION" --time=1 --ntasks=1 \
-        --output=/dev/null --wrap=true) || die "sbatch of the probe job failed"
+    jid=$(sbatch --parsable --job-name=cluster-ready --partition="$PARTITION" --time=1 --nodes="$1" \
+        --ntasks-per-node=1 --output=/dev/null --wrap="srun true") || die "sbatch of the probe job failed"
     wait_for "probe job $jid" "$LOG/slurmctld.log" probe_done "$jid"
     say "probe job $jid ran ($((SECONDS - t0)) s)"
 }
 
-cmd_start() {
-    local t0=$SECONDS
+# `stop` leaves the queue empty; jobs in slurmctld's saved state at start belong to a cluster that
+# ended without it (a crash, or a stop whose controller was already dead). Their processes are gone
+# (stop ended them); cancelled now, they clear once the nodes register, instead of holding nodes.
+cancel_crash_leftovers() {
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null | xargs)
+    if [[ -n $jobs ]]; then
+        say "cancelling jobs left by a cluster that was not stopped: $jobs"
+        # shellcheck disable=SC2086
+        scancel $jobs 2>/dev/null || true
+    fi
+}
+
+cmd_start() {  # N
+    local n=$1 t0=$SECONDS used
     if [[ -n $(missing_packages) ]]; then
         cmd_install
     fi
-    if all_running && ctld_up; then
-        say "cluster is already up (SLURM_ROOT=$ROOT); nothing to do"
+    if [[ $(recorded_nodes) == "$n" ]] && all_running "$n" && ctld_up && nodes_ok "$n"; then
+        say "cluster is already up with $n node(s) (SLURM_ROOT=$ROOT); nothing to do"
         echo "export SLURM_CONF=$SLURM_CONF"
         return 0
     fi
     [[ $(id -u) == 0 ]] || die "start needs root (the daemons run as root)"
-    if any_running; then
-        say "cluster is partly running; stopping it to start cleanly"
+    if anything_left; then
+        say "a cluster (or what is left of one) is there; stopping it to start cleanly with $n node(s)"
         cmd_stop
     fi
     local port
@@ -334,7 +539,17 @@ cmd_start() {
     done
 
     make_folders
-    write_configs
+    echo "$n" >"$NODES_FILE"
+    write_configs "$n"
+    if ((n > 1)); then
+        # Before slurmctld: it listens on the bridge's address only.
+        # Two bridges with this subnet would route the nodes' replies to the wrong one.
+        used=$(ip -o -4 addr show to "$SUBNET.0/24" 2>/dev/null | awk '{print $2}' | xargs)
+        [[ -z $used ]] || die "$SUBNET.0/24 is already used by link(s) $used (another multi-node cluster? stop it first)"
+        write_hosts "$n"
+        net_up "$n"
+        say "bridge $BRIDGE ($CTLD_NET_ADDR/24) and $n node namespaces up"
+    fi
     # Plain calls, not `f && say`: bash ignores `set -e` inside a function called from an && list.
     start_munged
     say "munged up"
@@ -342,27 +557,17 @@ cmd_start() {
     say "MariaDB up (127.0.0.1:$DB_PORT)"
     start_slurmdbd
     say "slurmdbd up (127.0.0.1:$DBD_PORT)"
-    start_slurmctld
-    say "slurmctld up (127.0.0.1:$CTLD_PORT)"
-    start_slurmd
+    start_slurmctld "$n"
+    say "slurmctld up ($( ((n == 1)) && echo 127.0.0.1 || echo "$CTLD_NET_ADDR"):$CTLD_PORT)"
+    cancel_crash_leftovers
+    start_slurmds "$n"
     say "slurmd up; partition $PARTITION: $(sinfo -h -o '%D node(s), %c CPUs, %m MB, %T')"
-    probe_job
+    probe_job "$n"
     say "cluster up in $((SECONDS - t0)) s; for slurm commands and submitit:"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
 # --- stop ----------------------------------------------------------------------------------------
-
-# slurmstepd processes of this cluster (found by the SLURM_CONF they inherit from slurmd).
-cluster_stepds() {
-    local pid
-    for pid in $(pgrep -x slurmstepd || true); do
-        # (The process may end while we look: silence the shell's own redirection error too.)
-        if { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qx "SLURM_CONF=$SLURM_CONF"; then
-            echo "$pid"
-        fi
-    done
-}
 
 # Job ids in the given states (squeue -t syntax).
 jobs_in() { squeue -h -t "$1" -o %A 2>/dev/null | xargs; }
@@ -396,11 +601,30 @@ cancel_jobs() {
     wait_jobs_gone RUNNING,COMPLETING,SUSPENDED,CONFIGURING,STOPPED,SIGNALING 20
 }
 
+# Stops every slurmd of this cluster (whatever N it was started with, pid file or not), then the
+# job steps they left behind: those would outlive the cluster.
+stop_slurmds() {
+    local pid
+    for pid in $(cluster_procs slurmd); do
+        stop_pid slurmd "$pid"
+        say "slurmd (pid $pid) stopped"
+    done
+    rm -f "$RUN"/slurmd.pid "$RUN"/slurmd-node*.pid
+    # Their slurmd is gone, so nothing waits for them; slurmstepd ignores SIGTERM.
+    for pid in $(cluster_procs slurmstepd); do
+        say "stopping leftover slurmstepd $pid"
+        signal_and_wait KILL "$pid" 50 || die "slurmstepd (pid $pid) does not exit"
+    done
+}
+
 cmd_stop() {
-    local i entry name file pid
-    if live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null && live_pid slurmd "$RUN/slurmd.pid" >/dev/null; then
+    local i entry name file pid n
+    n=$(recorded_nodes)
+    if live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null && slurmds_running "$n"; then
         cancel_jobs
     fi
+    stop_slurmds
+    net_down
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         entry=${DAEMONS[i]}
         name=${entry%%:*} file=${entry#*:}
@@ -409,13 +633,6 @@ cmd_stop() {
             say "$name stopped"
         fi
         rm -f "$file"
-        # Right after slurmd: job steps it left behind would outlive the cluster.
-        if [[ $name == slurmd ]]; then
-            for pid in $(cluster_stepds); do
-                say "stopping leftover slurmstepd $pid"
-                stop_pid slurmstepd "$pid"
-            done
-        fi
     done
     say "cluster stopped (state kept in $ROOT)"
 }
@@ -423,7 +640,8 @@ cmd_stop() {
 # --- status / env --------------------------------------------------------------------------------
 
 cmd_status() {
-    local entry name pid all=0
+    local entry name pid all=0 n node
+    n=$(recorded_nodes)
     echo "SLURM_ROOT=$ROOT"
     for entry in "${DAEMONS[@]}"; do
         name=${entry%%:*}
@@ -434,8 +652,23 @@ cmd_status() {
             all=3
         fi
     done
+    for node in $(node_names "$n"); do
+        name=slurmd
+        ((n == 1)) || name="slurmd $node"
+        if pid=$(live_pid slurmd "$(slurmd_pidfile "$n" "$node")"); then
+            if ((n == 1)); then
+                printf '%-10s running (pid %s)\n' "$name" "$pid"
+            else
+                printf '%-10s running (pid %s, namespace %s, %s)\n' "$name" "$pid" "${NS_PREFIX}$node" \
+                    "$(ip -n "${NS_PREFIX}$node" -o -4 addr show eth0 2>/dev/null | awk '{print $4}')"
+            fi
+        else
+            printf '%-10s stopped\n' "$name"
+            all=3
+        fi
+    done
     if live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null; then
-        sinfo
+        sinfo -N -l
     fi
     return "$all"
 }
@@ -445,16 +678,26 @@ cmd_env() {
 }
 
 usage_error() {
-    echo "cluster.sh: usage: $0 {install|start|stop|status|env}${1:+ (got: $1)}" >&2
+    echo "cluster.sh: usage: $0 {install|start [--nodes N]|stop|status|env}${1:+ (got: $1)}" >&2
     exit 2
 }
 
-[[ $# == 1 ]] || usage_error "$*"
-case $1 in
-    install) cmd_install ;;
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    env) cmd_env ;;
-    *) usage_error "$1" ;;
+case ${1:-} in
+    start)
+        nodes=1
+        case "${2:-}:${3:-}:$#" in
+            :*:1) ;;
+            --nodes:*:3) nodes=$3 ;;
+            --nodes=*::2) nodes=${2#--nodes=} ;;
+            *) usage_error "$*" ;;
+        esac
+        [[ $nodes =~ ^[1-9][0-9]*$ ]] && ((nodes <= MAX_NODES)) ||
+            die "--nodes: expected a whole number from 1 to $MAX_NODES, got '$nodes'"
+        cmd_start "$nodes"
+        ;;
+    install | stop | status | env)
+        [[ $# == 1 ]] || usage_error "$*"
+        "cmd_$1"
+        ;;
+    *) usage_error "$*" ;;
 esac

@@ -154,8 +154,9 @@ def method_text(device: torch.device, budget: DeployBudget = DeployBudget()) -> 
               "the peak of live tensor memory over one batch-256 forward, from torch.profiler's allocation events, "
               "plus the weights and input already resident (not the process's RSS)")
     return (
-        f"Each run's checkpoints/best.pt in eval mode, channels_last, inputs in the run's data.dtype, under the run's "
-        f"autocast (bf16 where it trained with AMP) or in fp32 as the precision column says; one forward, no TTA. "
+        f"Each run's checkpoints/best.pt in eval mode, channels_last, inputs in the run's data.dtype, under the "
+        f"autocast the run's train.amp resolves to on this device, as the precision column says (auto: bf16 on "
+        f"GPUs and on CPUs with native bf16, else fp32; true: bf16, fp16 on GPUs without bf16); one forward, no TTA. "
         f"Latency (batch 1, after {budget.warmup} untimed forwards) and throughput ({budget.batch} / the time of one "
         f"batch-{budget.batch} forward, after one untimed): torch.utils.benchmark's Timer.adaptive_autorange times "
         f"blocks of forwards, the device synchronised around each block, and the figure is the median over the "

@@ -2,6 +2,8 @@
 
 Three modes: eager fp32 (the baseline), AMP (bf16 autocast; fp16 with a GradScaler on GPUs without
 bf16), and AMP + torch.compile + channels_last; warm-up steps excluded, compile time reported apart.
+AMP is measured even where train.amp=auto would not use it (a CPU without native bf16): the table
+says which precision auto picks on the device, and the AMP column shows what it saves or costs.
 On a GPU the block of steps is timed and the model FLOPs utilisation (MFU) of the compiled step
 shown; on a CPU the median step (robust to other processes).
 """
@@ -17,7 +19,7 @@ import torch.nn as nn
 
 from trainer import models
 from trainer.bench.common import Settings
-from trainer.device import amp_dtype, device_name, synchronize
+from trainer.device import amp_choice, amp_dtype, device_name, precision_name, synchronize
 from trainer.models.flops import forward_flops
 
 # Peak dense bf16 tensor throughput (FLOP/s) by device name, from the vendors' data sheets; the
@@ -94,9 +96,10 @@ def time_steps(arch: str, device: torch.device, mode: str, settings: Settings) -
 
 def step_settings(device: torch.device, settings: Settings) -> dict:
     """What the step numbers were measured with, for the results file."""
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device, True)
     return {"batch": settings.step_batch, "steps": settings.step_steps, "warmup_steps": settings.step_warmup,
             "amp_dtype": str(dtype).removeprefix("torch."),
+            "amp_auto": precision_name(amp_dtype(device, "auto")),  # what train.amp=auto trains in here
             "peak_flops": peak_flops(device_name(device)) if device.type == "cuda" else None}
 
 
@@ -124,10 +127,11 @@ def bench_steps(device: torch.device, settings: Settings, threads: int) -> dict:
 
 
 def print_table(results: dict, device: torch.device, settings: Settings) -> None:
-    amp = "bf16" if amp_dtype(device) == torch.bfloat16 else "fp16"
+    amp = precision_name(amp_dtype(device, True))
     timing = "the block" if device.type == "cuda" else "the median step"
     print(f"\nstep: training images/s on {device_name(device)}, batch {settings.step_batch}, {timing} of "
           f"{settings.step_steps} after {settings.step_warmup} warm-up; AMP = {amp} autocast; ratios to eager fp32")
+    print(f"  the trainer's precision here: {amp_choice(device, 'auto')}")
     print(f"  {'arch':<16}{'eager fp32':>11}{'AMP':>10}{'AMP x':>7}{'compiled':>10}{'comp. x':>8}{'compile s':>10}"
           f"{'MFU':>7}")
     for arch, x in results.items():

@@ -4,11 +4,10 @@ same interface (common.BatchLoader) and are chosen by `data.loader`."""
 
 from __future__ import annotations
 
-
 from trainer.config import DataConfig
 from trainer.data.common import BatchLoader
-from trainer.data.ffcv_loader import build_ffcv_loaders
-from trainer.data.resident import build_resident_loaders
+from trainer.data.ffcv_loader import build_ffcv_loaders, build_ffcv_val_loader
+from trainer.data.resident import build_resident_loaders, build_resident_val_loader
 from trainer.distributed import Dist
 
 
@@ -20,4 +19,11 @@ def build_loaders(
     return build(cfg, group, seed, threads)
 
 
-__all__ = ["BatchLoader", "build_loaders"]
+def build_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> BatchLoader | None:
+    """The validation loader of the kind `cfg.loader` names (None when data.val_split is 0): the
+    images build_loaders' training loader leaves out, with the test set's pipeline and sharding."""
+    build = build_resident_val_loader if cfg.loader == "resident" else build_ffcv_val_loader
+    return build(cfg, group, threads)
+
+
+__all__ = ["BatchLoader", "build_loaders", "build_val_loader"]

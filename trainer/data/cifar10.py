@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import pickle
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -189,11 +190,26 @@ def download(root: Path) -> Path:
     except Exception as e:  # URLError, timeouts, HTTP errors, a bad checksum
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"could not download CIFAR-10 from {URL} ({reason}); pass --source DIR with a local cifar-10-batches-py folder"
+            f"could not download CIFAR-10 from {URL} ({reason}); pass --source DIR, or set {SOURCE_ENV}=DIR, with a local "
+            "cifar-10-batches-py folder"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
     return root / "cifar-10-batches-py"
+
+
+SOURCE_ENV = "CIFAR10_SOURCE"
+
+
+def find_source(source: Path | None, out: Path) -> Path:
+    """Where the CIFAR-10 python files come from, in this order: the --source given, the folder
+    $CIFAR10_SOURCE names (an offline copy a site or a CI keeps), else the official download."""
+    if source is not None:
+        return Path(source)
+    if os.environ.get(SOURCE_ENV):
+        print(f"using {SOURCE_ENV}={os.environ[SOURCE_ENV]}")
+        return Path(os.environ[SOURCE_ENV])
+    return download(out / "download")
 
 
 def write_beton(split: Split, path: Path, workers: int) -> None:
@@ -211,9 +227,7 @@ def prepare(out: Path, source: Path | None = None, force: bool = False, workers:
     out = Path(out)
     if out.exists() and not out.is_dir():  # before a download or a read of the source that would be wasted
         raise DataError(f"{out}: not a folder (--out names the folder for train.beton, test.beton and {SIDECAR})")
-    if source is None:
-        source = download(out / "download")
-    source = Path(source)
+    source = find_source(source, out)
     if not source.is_dir():
         raise DataError(f"{source}: no such folder (expected a CIFAR-10 'cifar-10-batches-py' folder)")
     if not force and is_current(out, source):
@@ -254,7 +268,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="convert CIFAR-10 to FFCV .beton files")
     p.add_argument("--out", type=Path, required=True, help="folder for train.beton, test.beton, cifar10.json")
-    p.add_argument("--source", type=Path, help="a local cifar-10-batches-py folder (default: download)")
+    p.add_argument("--source", type=Path,
+                   help=f"a local cifar-10-batches-py folder (default: ${SOURCE_ENV} if set, else download)")
     p.add_argument("--force", action="store_true", help="convert even if the outputs are current")
     p.add_argument("--workers", type=int, default=2, help="ffcv writer processes")
     args = parser.parse_args()

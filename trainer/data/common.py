@@ -1,8 +1,10 @@
-"""What both training loaders share: the batch dtypes, the fill colour, test-set sharding, the
-data folder check, thread defaults, and the interface they both offer (BatchLoader)."""
+"""What both training loaders share: the batch dtypes, the fill colour, the validation split,
+test-set sharding, the data folder check, thread defaults, and the interface they both offer
+(BatchLoader)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,8 @@ import numpy as np
 import torch
 
 from trainer import UserError
-from trainer.data.cifar10 import MEAN
+from trainer.config import DataConfig
+from trainer.data.cifar10 import MEAN, NUM_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Cutout and translate fill with the mean colour, so the filled area is zero after normalisation.
@@ -41,9 +44,20 @@ class BatchLoader(Protocol):
 
 
 def default_threads() -> int:
-    """CPU threads for torch in this process: the cores we may use, split among local ranks."""
+    """CPU threads for torch in this process: the cores we may use, split among the local ranks
+    that share them.
+
+    An srun task bound to its CPUs (task/affinity or task/cgroup) has an affinity of its own
+    cpus-per-task CPUs: splitting that again among the node's tasks would leave each one thread.
+    It is shared when SLURM does not bind (task/none: the affinity is the node's whole allocation)
+    and among torchrun's workers (one task's CPUs for all of them).
+    """
+    cpus = len(os.sched_getaffinity(0))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and cpus <= int(per_task) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return cpus  # no more CPUs than one task gets: they are this task's own
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, len(os.sched_getaffinity(0)) // local_world)
+    return max(1, cpus // local_world)
 
 
 def shard_indices(n: int, rank: int, world: int) -> np.ndarray:
@@ -57,6 +71,50 @@ def shard_indices(n: int, rank: int, world: int) -> np.ndarray:
     return np.arange(bounds[rank], bounds[rank + 1], dtype=np.uint64)
 
 
+def validation_split(labels: np.ndarray, val_split: int, seed: int) -> np.ndarray:
+    """The held-out images of a training set with these labels: val_split / 10 of each class,
+    drawn by `seed` alone, as sorted indices into the file.
+
+    A pure function of the labels, the size and the seed: every rank, every resume and every
+    loader computes the same split without exchanging it. Each class's draw is a permutation of
+    that class's images by a generator of (seed, class), so another size keeps the same order
+    (a smaller split is a subset of a larger one) and another seed gives another split.
+    """
+    per_class = val_split // 10
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    if val_split and per_class >= counts.min():
+        c = int(counts.argmin())
+        raise UserError(f"data.val_split={val_split} holds out {per_class} images of each class, but the training "
+                        f"set has {counts[c]} of class {c}, which would leave none to train on; use a smaller "
+                        f"data.val_split")
+    held = [
+        np.random.default_rng([seed, c]).permutation(np.flatnonzero(labels == c))[:per_class]
+        for c in range(NUM_CLASSES)
+    ]
+    return np.sort(np.concatenate(held)).astype(np.int64)
+
+
+def train_val_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices into train.beton: the validation split (validation_split), then
+    data.train_subset's first images of the rest, in file order. The split is drawn before the
+    subset, so a smoke run's validation images are those of the full run with the same seed."""
+    val = validation_split(labels, cfg.val_split, cfg.val_seed)
+    train = np.setdiff1d(np.arange(len(labels), dtype=np.int64), val, assume_unique=True)
+    if cfg.train_subset:
+        train = train[: cfg.train_subset]
+    return train, val
+
+
+def split_record(labels: np.ndarray, cfg: DataConfig) -> dict | None:
+    """What summary.json records of the validation split (None when off): enough to tell that two
+    runs held out the same images."""
+    if not cfg.val_split:
+        return None
+    val = validation_split(labels, cfg.val_split, cfg.val_seed)
+    return {"images": cfg.val_split, "seed": cfg.val_seed, "per_class": cfg.val_split // 10,
+            "indices_sha256": hashlib.sha256(val.astype("<i8").tobytes()).hexdigest()}
+
+
 def check_data_dir(data_dir: str | os.PathLike) -> Path:
     data_dir = Path(data_dir)
     for name in ("train.beton", "test.beton"):
@@ -68,6 +126,16 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
     return data_dir
 
 
-def check_batch_size(batch_size: int, world: int, n_train: int) -> None:
-    if batch_size * world > n_train:
-        raise UserError(f"data.batch_size={batch_size} x {world} ranks exceeds the {n_train} training images")
+def per_process_batch(batch_size: int, world: int) -> int:
+    """Each process's share of the global batch `data.batch_size`."""
+    if batch_size % world:
+        raise UserError(f"data.batch_size={batch_size} (the global batch) does not divide among {world} processes; "
+                        f"use a multiple of {world}")
+    return batch_size // world
+
+
+def check_batch_size(batch_size: int, world: int, n_train: int) -> int:
+    """The per-process batch of the global `batch_size`; refuses one that would leave no full step."""
+    if batch_size > n_train:
+        raise UserError(f"data.batch_size={batch_size} exceeds the {n_train} training images")
+    return per_process_batch(batch_size, world)

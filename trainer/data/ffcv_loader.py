@@ -2,7 +2,8 @@
 
 Train: RANDOM order, flip / translate / cutout as configured, sharded across ranks by ffcv
 (`distributed=True`, reshuffled every epoch). Test: SEQUENTIAL, no augmentation, each rank reading
-a disjoint slice of its own (common.shard_indices). Both normalise with the CIFAR-10 mean/std, hand
+a disjoint slice of its own (common.shard_indices). Validation (data.val_split): the held-out images
+of train.beton, read like the test set. All normalise with the CIFAR-10 mean/std, hand
 out NCHW tensors (channels_last in memory if configured) of the configured dtype with int64 labels,
 and move batches to CUDA inside the ffcv pipeline when the device is a GPU.
 """
@@ -11,15 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import suppress
+from pathlib import Path
 from queue import Empty
 
 import numpy as np
 import torch
 
 from trainer.config import DataConfig
-from trainer.data.checks import verify
+from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
-from trainer.data.common import DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, shard_indices
+from trainer.data.common import (
+    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, per_process_batch, shard_indices,
+    train_val_indices,
+)
 from trainer.distributed import Dist
 
 
@@ -62,7 +67,7 @@ class FFCVLoader:
 
 def _image_pipeline(cfg: DataConfig, train: bool, device: torch.device) -> list:
     from ffcv.fields.decoders import SimpleRGBImageDecoder
-    from ffcv.transforms import Convert, Cutout, RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import Convert, Cutout, RandomHorizontalFlip, RandomTranslate, ToTensor, ToTorchImage
     from torchvision.transforms import Normalize
 
     ops: list = [SimpleRGBImageDecoder()]
@@ -73,10 +78,16 @@ def _image_pipeline(cfg: DataConfig, train: bool, device: torch.device) -> list:
     if train and cfg.cutout:
         ops.append(Cutout(cfg.cutout, fill=MEAN_PIXEL))
     ops.append(ToTensor())
+    # channels_last: ToTorchImage only permutes the dimensions of the (NHWC) batch, wherever it is.
+    # Otherwise it copies into an NCHW buffer that ffcv always allocates on the CPU, so it must
+    # run before the batch moves to the GPU, or the model gets a CPU tensor.
+    if not cfg.channels_last:
+        ops.append(ToTorchImage(channels_last=False))
     if device.type == "cuda":
-        ops.append(ToDevice(device, non_blocking=True))
+        ops.append(_to_device(device))
+    if cfg.channels_last:
+        ops.append(ToTorchImage(channels_last=True))
     ops += [
-        ToTorchImage(channels_last=cfg.channels_last),
         # Normalise in float32 and only then narrow, so bf16/fp16 round the final values once.
         Convert(torch.float32),
         Normalize([255 * m for m in MEAN], [255 * s for s in STD]),
@@ -88,18 +99,55 @@ def _image_pipeline(cfg: DataConfig, train: bool, device: torch.device) -> list:
 
 def _label_pipeline(device: torch.device) -> list:
     from ffcv.fields.decoders import IntDecoder
-    from ffcv.transforms import Convert, Squeeze, ToDevice, ToTensor
+    from ffcv.transforms import Convert, Squeeze, ToTensor
 
     ops: list = [IntDecoder(), ToTensor(), Squeeze(1), Convert(torch.int64)]  # cross-entropy wants int64
     if device.type == "cuda":
-        ops.append(ToDevice(device, non_blocking=True))
+        ops.append(_to_device(device))
     return ops
+
+
+def _to_device(device: torch.device):
+    """The copy of a decoded batch to the GPU, in ffcv's loader thread.
+
+    ffcv decodes into a ring of batches_ahead + 2 pinned host buffers and reuses them without
+    waiting for the GPU: it only makes its copy stream wait for the training stream, which holds the
+    GPU buffers, not the host ones. With an asynchronous copy, a training thread that runs further
+    ahead of the GPU than the ring (small, fast steps queue up) lets ffcv overwrite a host buffer
+    before its copy has run, and the GPU trains on a later batch's images. A blocking copy ends
+    before ffcv's thread decodes the next batch, so the buffer is free again, and it holds that
+    thread (hence the training thread, which waits for batches) within the ring of the GPU; it
+    costs the loader thread the copy time (0.8 MB per 256 images), not the training thread. A GPU
+    run must confirm the throughput and that batches arrive intact (data.loader: resident, which
+    keeps the data on the GPU, has no such ring and is the faster choice there anyway).
+    """
+    from ffcv.transforms import ToDevice
+
+    return ToDevice(device, non_blocking=False)
+
+
+def _eval_loader(path: Path, indices: np.ndarray, cfg: DataConfig, batch: int, device: torch.device):
+    """SEQUENTIAL over `indices` (this rank's shard), no augmentation: the test pipeline, which
+    the validation images get too."""
+    from ffcv.loader import Loader, OrderOption
+
+    return Loader(
+        str(path),
+        batch_size=batch,
+        num_workers=cfg.num_workers,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        indices=indices.astype(np.uint64),
+        os_cache=True,
+        pipelines={"image": _image_pipeline(cfg, False, device), "label": _label_pipeline(device)},
+    )
 
 
 def build_ffcv_loaders(
     cfg: DataConfig, group: Dist, seed: int = 0, threads: int | None = None
 ) -> tuple[FFCVLoader, FFCVLoader]:
-    """(train, test) FFCV loaders for this process, sharded by the group's rank."""
+    """(train, test) FFCV loaders for this process, sharded by the group's rank. Training reads
+    train.beton without the validation split's images (common.train_val_indices)."""
     from ffcv.loader import Loader, OrderOption
 
     device = group.device
@@ -108,19 +156,18 @@ def build_ffcv_loaders(
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
 
-    n_train = found["train_images"]
-    if cfg.train_subset:
-        n_train = min(n_train, cfg.train_subset)
-    check_batch_size(cfg.batch_size, world, n_train)
+    train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    n_train = len(train_indices)
+    batch = check_batch_size(cfg.batch_size, world, n_train)  # per process: data.batch_size is the global batch
     train = Loader(
         str(data_dir / "train.beton"),
-        batch_size=cfg.batch_size,
+        batch_size=batch,
         num_workers=cfg.num_workers,
         order=OrderOption.RANDOM,
         drop_last=True,  # equal-sized steps keep BatchNorm statistics and DDP ranks in step
         distributed=world > 1,
         seed=seed,
-        indices=np.arange(n_train, dtype=np.uint64),
+        indices=train_indices.astype(np.uint64),
         # One page-cache copy of the file shared by every rank on the node.
         os_cache=True,
         pipelines={"image": _image_pipeline(cfg, True, device), "label": _label_pipeline(device)},
@@ -130,17 +177,24 @@ def build_ffcv_loaders(
     if cfg.test_subset:
         n_test = min(n_test, cfg.test_subset)
     shard = shard_indices(n_test, rank, world)
-    test = Loader(
-        str(data_dir / "test.beton"),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        order=OrderOption.SEQUENTIAL,
-        drop_last=False,
-        indices=shard,
-        os_cache=True,
-        pipelines={"image": _image_pipeline(cfg, False, device), "label": _label_pipeline(device)},
-    )
+    test = _eval_loader(data_dir / "test.beton", shard, cfg, batch, device)
     # Importing ffcv and building loaders reset torch's thread count.
     torch.set_num_threads(threads)
-    train_per_rank = (n_train // world // cfg.batch_size) * cfg.batch_size
+    train_per_rank = (n_train // world // batch) * batch
     return FFCVLoader(train, threads, train_per_rank), FFCVLoader(test, threads, len(shard))
+
+
+def build_ffcv_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> FFCVLoader | None:
+    """The validation loader (None when data.val_split is 0): the held-out images of train.beton
+    through the test pipeline, sharded across ranks as the test set is, so each is counted once."""
+    if not cfg.val_split:
+        return None
+    data_dir = check_data_dir(cfg.dir)
+    verify(data_dir, warn=False)  # done already by build_ffcv_loaders in this process: cached
+    threads = threads or default_threads()
+    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    shard = val[shard_indices(len(val), group.rank, group.world_size).astype(np.int64)]
+    batch = per_process_batch(cfg.batch_size, group.world_size)
+    loader = _eval_loader(data_dir / "train.beton", shard, cfg, batch, group.device)
+    torch.set_num_threads(threads)
+    return FFCVLoader(loader, threads, len(shard))

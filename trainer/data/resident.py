@@ -18,7 +18,8 @@ seeded with (seed, epoch), and each batch's flips, shifts and squares from one s
 augmentations, and an interrupted run ends with the same weights as an uninterrupted one even with
 augmentation on. Under DDP every rank computes the same permutation and takes its own slice of it
 (drop_last, as the FFCV train loader: equal steps on every rank). The test split is read in order,
-sharded with common.shard_indices, and never augmented.
+sharded with common.shard_indices, and never augmented; so are the validation images (data.val_split),
+held out of train.beton into a table of their own.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ import torch
 from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data.cifar10 import MEAN, SIDE, STD
-from trainer.data.checks import open_beton, verify
-from trainer.data.common import DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, shard_indices
+from trainer.data.checks import check_beton, open_beton, verify
+from trainer.data.common import (
+    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, per_process_batch, shard_indices,
+    train_val_indices,
+)
 from trainer.distributed import Dist
 
 _ORDER, _AUGMENT = 0, 1  # the purposes random streams are derived for (see _seed)
@@ -48,20 +52,25 @@ def _seed(*keys: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def read_beton(path: str | os.PathLike, count: int | None = None, workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` images (all if None) of a .beton in file order: (N, 32, 32, 3) uint8 and
-    (N,) int64 CPU tensors. Read through an un-augmented SEQUENTIAL ffcv Loader."""
+def read_beton(
+    path: str | os.PathLike, count: int | None = None, workers: int = 1, indices: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` images (all if None) of a .beton in file order, or those at the sorted
+    `indices`: (N, 32, 32, 3) uint8 and (N,) int64 CPU tensors. Read through an un-augmented
+    SEQUENTIAL ffcv Loader."""
     import numba
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    n = int(open_beton(Path(path)).num_samples)
-    n = n if count is None else min(n, count)
+    if indices is None:
+        n = int(open_beton(Path(path)).num_samples)
+        indices = np.arange(n if count is None else min(n, count))
+    n = len(indices)
     workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))  # ffcv refuses more than numba has
     loader = Loader(
         str(path), batch_size=min(n, 5000), num_workers=workers, order=OrderOption.SEQUENTIAL,
-        indices=np.arange(n, dtype=np.uint64), drop_last=False,
+        indices=indices.astype(np.uint64), drop_last=False,
         pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]},
     )
     # ffcv reuses its batch buffers: keep copies, not the batches themselves.
@@ -198,7 +207,7 @@ class ResidentLoader:
         threads: int | None = None,
     ) -> None:
         self.table, self.labels = table, labels
-        self.batch_size = cfg.batch_size
+        self.batch_size = per_process_batch(cfg.batch_size, world)  # data.batch_size is the global batch
         self.train, self.seed, self.rank, self.world = train, seed, rank, world
         self.flip = 0.5 if train and cfg.flip else 0.0
         self.translate = cfg.translate if train else 0
@@ -252,20 +261,39 @@ def build_resident_loaders(
     """(train, test) resident loaders for this process, sharded by the group's rank."""
     device = group.device
     data_dir = check_data_dir(cfg.dir)
-    verify(data_dir, warn=group.rank == 0)  # before reading: ffcv trusts any file
+    found = verify(data_dir, warn=group.rank == 0)  # before reading: ffcv trusts any file
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
-    dtype = DTYPES[cfg.dtype]
 
-    def load(name: str, subset: int, pad: int) -> tuple[PixelTable, torch.Tensor]:
-        images, labels = read_beton(Path(data_dir) / name, subset or None, cfg.num_workers)
-        torch.set_num_threads(threads)  # ffcv changed it; normalising is torch's work
-        return pixel_table(images.to(device), dtype, pad), labels.to(device)
-
-    train_table, train_labels = load("train.beton", cfg.train_subset, cfg.translate)
-    check_batch_size(cfg.batch_size, world, train_labels.shape[0])
-    test_table, test_labels = load("test.beton", cfg.test_subset, 0)
-    test_indices = torch.from_numpy(shard_indices(test_labels.shape[0], rank, world).astype(np.int64))
+    # Training reads train.beton without the validation split's images (common.train_val_indices).
+    train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    check_batch_size(cfg.batch_size, world, len(train_indices))
+    train_table, train_labels = _load(data_dir / "train.beton", train_indices, cfg, device, threads, cfg.translate)
+    n_test = found["test_images"]
+    test_indices = np.arange(min(n_test, cfg.test_subset) if cfg.test_subset else n_test)
+    test_table, test_labels = _load(data_dir / "test.beton", test_indices, cfg, device, threads, 0)
+    test_shard = torch.from_numpy(shard_indices(test_labels.shape[0], rank, world).astype(np.int64))
     train = ResidentLoader(train_table, train_labels, cfg, train=True, seed=seed, rank=rank, world=world, threads=threads)
-    test = ResidentLoader(test_table, test_labels, cfg, train=False, indices=test_indices, threads=threads)
+    test = ResidentLoader(test_table, test_labels, cfg, train=False, world=world, indices=test_shard, threads=threads)
     return train, test
+
+
+def _load(path: Path, indices: np.ndarray, cfg: DataConfig, device: torch.device, threads: int,
+          pad: int) -> tuple[PixelTable, torch.Tensor]:
+    images, labels = read_beton(path, workers=cfg.num_workers, indices=indices)
+    torch.set_num_threads(threads)  # ffcv changed it; normalising is torch's work
+    return pixel_table(images.to(device), DTYPES[cfg.dtype], pad), labels.to(device)
+
+
+def build_resident_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> ResidentLoader | None:
+    """The validation loader (None when data.val_split is 0): the held-out images of train.beton
+    in a table of their own, read as the test set is (in order, this rank's shard, no augmentation)."""
+    if not cfg.val_split:
+        return None
+    data_dir = check_data_dir(cfg.dir)
+    verify(data_dir, warn=False)  # done already by build_resident_loaders in this process: cached
+    threads = threads or default_threads()
+    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    table, labels = _load(data_dir / "train.beton", val, cfg, group.device, threads, 0)
+    shard = torch.from_numpy(shard_indices(len(val), group.rank, group.world_size).astype(np.int64))
+    return ResidentLoader(table, labels, cfg, train=False, world=group.world_size, indices=shard, threads=threads)

@@ -1,6 +1,7 @@
 """The sweep report behind `python jobs/report.py runs/<sweep>`: the comparison with the seed's table.
 
     python jobs/report.py runs/<sweep> [--no-deploy] [--ensemble a,b | --no-ensemble] [--wandb-mode MODE]
+    python jobs/report.py runs/<sweep> --sync      # upload every offline W&B run of the sweep
 
 Reads each run's summary.json and metrics.jsonl (runs) and writes into the sweep folder:
 
@@ -14,7 +15,15 @@ Reads each run's summary.json and metrics.jsonl (runs) and writes into the sweep
   test set (default: every finished run), beside the best single model (ensemble);
 - plots/ (plots): accuracy vs parameters (the seed's points too), test accuracy by epoch, accuracy
   vs GPU-seconds;
-- a W&B run of job type `report` in the sweep's group holding the tables and plots (wandb_run).
+- a W&B run of job type `report` in the sweep's group holding the tables, interactive charts built
+  from the table (accuracy vs parameters and vs compute, the curves) and the plots (wandb_run).
+
+With seeds (launch.py --seeds N) or a grid, each run is one row as above, and the runs of an
+architecture at a grid point are a group (stats): mean ± std (n) and a 95% confidence interval of
+the mean (Student's t) per group, in report.md and on each of the group's rows of report.csv, a
+sentence naming the architectures whose intervals overlap, error bars in the plots, and the grid's
+points with each architecture's best one (by validation accuracy when the summaries have it, else
+by best test accuracy, which the report then says).
 
 It also works on a folder of run folders without sweep.json (the runs are then the subfolders that
 hold a config.yaml). Runs that are unfinished, not started or whose summary is corrupt are listed
@@ -40,17 +49,17 @@ from trainer.files import write_text_atomic
 from trainer.report.ensemble import EnsembleResult, ensemble_text, run_ensemble
 from trainer.report.plots import PLOTS, make_plots
 from trainer.report.runs import Run, find_runs, load_best
+from trainer.report.stats import grid_section, groups, has_grid, has_seeds, seeds_section
 from trainer.report.table import (
     TABLE_NOTES,
-    comparison_row,
+    comparison_rows,
     csv_text,
     deployment_table,
     markdown_table,
     not_finished_lines,
     sweep_header,
-    table_order,
 )
-from trainer.report.wandb_run import log_to_wandb
+from trainer.report.wandb_run import log_to_wandb, sync
 
 
 @dataclass
@@ -93,9 +102,13 @@ def make_report(folder: Path, deploy: bool = True, ensemble: list[str] | None = 
         if r.problem:
             print(f"warning: {r.problem}", file=sys.stderr)
 
-    order = table_order(runs)
-    rows = [comparison_row(r) for r in order]
+    order, rows = comparison_rows(runs)
     sections = [sweep_header(name, runs), "", markdown_table(runs), "", TABLE_NOTES]
+    found = groups(runs)
+    if has_seeds(found):  # several seeds of one architecture (and grid point): mean, std, interval
+        sections += ["", seeds_section(found)]
+    if has_grid(found):
+        sections += ["", grid_section(found)]
     missing = not_finished_lines(runs)
     if missing:
         sections += ["", "Not in the table, or with files that could not be read:", *missing]
@@ -156,12 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     choice.add_argument("--no-ensemble", action="store_true", help="skip the ensemble")
     parser.add_argument("--wandb-mode", choices=["auto", "online", "offline", "disabled"],
                         help="W&B mode for the report run (default: the runs' logging.mode)")
+    parser.add_argument("--sync", action="store_true",
+                        help="only upload every offline W&B run of the sweep (training runs and reports), then exit")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.ensemble.split(",") if n.strip()] if args.ensemble is not None else None
     if names is not None and not names:
         parser.error("--ensemble: give run names, e.g. --ensemble resnet,mobilenet")
 
     def run() -> int:
+        if args.sync:
+            return sync(args.folder)
         make_report(args.folder, deploy=not args.no_deploy, ensemble=names, use_ensemble=not args.no_ensemble,
                     wandb_mode=args.wandb_mode)
         return 0

@@ -1,5 +1,5 @@
 """The ensemble: the members' softmax outputs averaged over the test set, beside each member's own
-accuracy computed the same way (a check against its summary's best_test_acc)."""
+accuracy computed the same way (a check against its summary's test accuracy at the selected epoch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from trainer.data import build_loaders
 from trainer.data.common import DTYPES, default_threads
 from trainer.device import amp_dtype
 from trainer.distributed import Dist
-from trainer.report.runs import Run, load_best
+from trainer.report.runs import Run, load_best, primary_acc
 from trainer.training.evaluate import predict
 
 
@@ -21,7 +21,7 @@ from trainer.training.evaluate import predict
 class EnsembleResult:
     members: list[str]
     member_correct: list[int]
-    member_summary_acc: list[float]  # the best_test_acc each run's summary gives, for the check
+    member_summary_acc: list[float]  # each run's summary's accuracy at its selected epoch (best.pt's), for the check
     correct: int
     total: int
     test_set: str
@@ -76,14 +76,14 @@ def run_ensemble(members: list[Run], device: torch.device) -> EnsembleResult:
             correct += int((mean.argmax(1) == y).sum())
             total += y.shape[0]
     where = f"{total:,} test images of {data_dir}" + (f" (test_subset {subset})" if subset else "")
-    return EnsembleResult([m.name for m in members], member_correct, [m.summary["best_test_acc"] for m in members],
+    return EnsembleResult([m.name for m in members], member_correct, [primary_acc(m.summary) for m in members],
                           correct, total, where)
 
 
 def ensemble_text(e: EnsembleResult) -> str:
     lines = [f"Softmax outputs of the best checkpoints averaged over {e.test_set}; each member's accuracy is "
-             "recomputed the same way, beside its summary's best_test_acc as a check.", "",
-             "| model | test acc % | correct | summary's best_test_acc % |", "| --- | ---: | ---: | ---: |"]
+             "recomputed the same way, beside its summary's test accuracy at the selected epoch (best.pt's) as a check.", "",
+             "| model | test acc % | correct | summary's test acc % |", "| --- | ---: | ---: | ---: |"]
     for i, name in enumerate(e.members):
         lines.append(f"| {name} | {e.member_acc(i):.2f} | {e.member_correct[i]:,} / {e.total:,} "
                      f"| {e.member_summary_acc[i]:.2f} |")

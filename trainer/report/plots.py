@@ -1,5 +1,6 @@
 """The report's three PNGs under plots/: accuracy vs parameters (the seed's networks too), test
-accuracy by epoch, and accuracy vs the device-seconds spent."""
+accuracy by epoch, and accuracy vs the device-seconds spent. With seeds, an architecture (at a grid
+point) is one colour and one point at its mean, with the 95% interval of the mean as error bars."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from trainer.files import atomic_path
 from trainer.models.seed_table import SEED
-from trainer.report.runs import Run
+from trainer.report.runs import Run, primary_acc
+from trainer.report.stats import groups
 from trainer.report.table import seconds_text, table_order
 
 PLOTS = {  # file name under plots/ -> title
@@ -27,6 +29,10 @@ def _seconds_label(finished: list[Run]) -> str:
     return "device-seconds (GPU-s for CUDA runs, CPU-s for CPU runs)"
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -39,8 +45,12 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     ordered = table_order(runs)
-    colour = {r.name: f"C{i % 10}" for i, r in enumerate(ordered)}  # one colour per run in every plot
+    found = {(g.arch, g.point): g for g in groups(ordered)}  # in the table's order
+    # One colour per group (an architecture at a grid point; its seeds share it) in every plot.
+    group_colour = {key: f"C{i % 10}" for i, key in enumerate(found)}
+    colour = {r.name: group_colour[r.group] for r in ordered}
     finished = [r for r in ordered if r.finished]
+    several = [g for g in found.values() if g.test is not None and g.test.n > 1]
     seconds = _seconds_label(finished)
     paths = [folder / "plots" / name for name in PLOTS]
     figures = []
@@ -61,16 +71,23 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
                     xytext=(5, -11 if i % 2 == 0 else 5), fontsize=8, color="grey")
     device_s = {r.name: r.summary["wall_time_s"] * r.summary["world_size"] for r in finished}
     longest = max(device_s.values(), default=0.0) or 1.0
-    for r in finished:
-        xy = (r.summary["params"] / 1e6, r.summary["best_test_acc"])
-        ax.scatter(*xy, s=30 + 470 * device_s[r.name] / longest, alpha=0.7, color=colour[r.name])
-        ax.annotate(f"{r.name} ({seconds_text(device_s[r.name])} s)", xy, textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+    for key, g in found.items():
+        if g.test is None:
+            continue
+        spent = _mean([device_s[r.name] for r in g.finished])
+        xy = (g.finished[0].summary["params"] / 1e6, g.test.mean)
+        ax.scatter(*xy, s=30 + 470 * spent / longest, alpha=0.7, color=group_colour[key])
+        if g.test.half_width is not None:  # the 95% interval of the mean over the seeds
+            ax.errorbar(*xy, yerr=g.test.half_width, color=group_colour[key], capsize=4, linewidth=1.2)
+        name = g.finished[0].name if g.test.n == 1 else f"{g.label}, n={g.test.n}"
+        ax.annotate(f"{name} ({seconds_text(spent)} s)", xy, textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.scatter([], [], s=60, marker="s", facecolors="none", edgecolors="grey", label="seed")
     ax.scatter([], [], s=60, color="grey", alpha=0.7, label=f"this sweep (area ∝ training {seconds.split(' (')[0]})")
+    if several:
+        ax.errorbar([], [], yerr=[], color="grey", capsize=4, label="mean over seeds, 95% interval")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (millions, log scale)")
-    ax.set_ylabel("best test accuracy %")
+    ax.set_ylabel("best test accuracy %" + (" (mean over seeds)" if several else ""))
     ax.legend(loc="lower right", fontsize=8)
 
     # Test accuracy by epoch; unfinished runs dashed.
@@ -90,8 +107,12 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
         world = r.summary["world_size"]
         ax.plot([m["elapsed_s"] * world for m in r.metrics], [m["test_acc"] for m in r.metrics], marker=".",
                 color=colour[r.name], label=r.name)
-        ax.scatter(r.summary["best_epoch_wall_time_s"] * world, r.summary["best_test_acc"], s=80, marker="*",
+        ax.scatter(r.summary["best_epoch_wall_time_s"] * world, primary_acc(r.summary), s=80, marker="*",
                    color=colour[r.name])
+    for g in several:  # each group's mean best epoch: its mean seconds, its mean accuracy ± the 95% interval
+        spent = _mean([r.summary["best_epoch_wall_time_s"] * r.summary["world_size"] for r in g.finished])
+        ax.errorbar(spent, g.test.mean, yerr=g.test.half_width, fmt="D", markersize=6, capsize=4,
+                    color=group_colour[(g.arch, g.point)], label=f"{g.label}: mean of {g.test.n}, 95% interval")
     ax.set_title(f"Test accuracy vs {seconds.split(' (')[0]} (★ best epoch)")
     ax.set_xlabel(seconds)
     ax.set_ylabel("test accuracy %")

@@ -22,7 +22,7 @@ METRIC_KEYS = ("epoch", "test_acc", "images_per_s", "elapsed_s")  # what the tab
 
 @dataclass
 class Run:
-    name: str  # the folder name: the architecture, in a sweep
+    name: str  # the folder name: the architecture, or architecture-point-s<seed> with a grid or seeds
     dir: Path
     status: str  # "finished", "unfinished", "not started" or "corrupt"
     detail: str  # what the table shows for a run that is not finished, e.g. "unfinished: epoch 3 of 150"
@@ -30,6 +30,16 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     config: Config | None = None
     problem: str | None = None  # a file that could not be read, named in one line
+    point: str | None = None  # the grid point (sweep.json), e.g. "lr0.05-ema0"; None without a grid
+
+    @property
+    def group(self) -> tuple[str, str | None]:
+        """What the report averages over seeds: the architecture at its grid point."""
+        return self.arch, self.point
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.train.seed if self.config is not None else None
 
     @property
     def finished(self) -> bool:
@@ -44,6 +54,14 @@ class Run:
     @property
     def on_gpu(self) -> bool:
         return self.summary is not None and self.summary["gpu_seconds"] is not None
+
+
+def primary_acc(summary: dict) -> float:
+    """The test accuracy a run reports: at the epoch chosen on the validation split when it had one
+    (the test set then chose nothing), else its best test epoch's, as the seed's table has it."""
+    if summary.get("selected_by") == "val":
+        return summary["test_acc_at_best_val"]
+    return summary["best_test_acc"]
 
 
 def is_number(value: Any) -> bool:
@@ -109,12 +127,18 @@ def find_runs(folder: Path) -> tuple[str, list[Run]]:
     if record_path.exists():
         try:
             record = json.loads(record_path.read_text())
-            archs, name = list(record["archs"]), str(record["sweep"])
+            name = str(record["sweep"])
+            # Each job's name and grid point; a sweep from before seeds and grids lists architectures only.
+            jobs = [(r["name"], r["point"]) for r in record["runs"]] if "runs" in record else [
+                (arch, None) for arch in record["archs"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{record_path}: unreadable sweep record ({type(e).__name__}: {e})") from None
-        runs = [read_run(arch, folder / arch) for arch in archs]
+        runs = [read_run(job, folder / job) for job, _ in jobs]
+        for run, (_, point) in zip(runs, jobs):
+            run.point = point
         if all(r.status == "not started" for r in runs):
-            raise UserError(f"{folder}: no runs at all: none of the sweep's {len(archs)} architectures has a run folder yet")
+            what = "architectures" if "runs" not in record else "runs"
+            raise UserError(f"{folder}: no runs at all: none of the sweep's {len(jobs)} {what} has a run folder yet")
         return name, runs
     run_dirs = sorted(p.parent for p in folder.glob(f"*/{CONFIG}"))
     if not run_dirs:

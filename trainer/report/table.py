@@ -9,7 +9,8 @@ import statistics
 from typing import Any
 
 from trainer import models
-from trainer.report.runs import Run
+from trainer.report.runs import Run, primary_acc
+from trainer.report.stats import Group, best_points, groups, has_grid
 
 COLUMNS = [
     "arch", "status", "test_acc", "seed_test_acc", "test_acc_delta", "params", "seed_params_m", "best_epoch",
@@ -17,6 +18,14 @@ COLUMNS = [
     "cpu_s_to_best", "train_images_per_s", "epochs_run", "world_size", "device",
     # the deployment figures (empty with --no-deploy)
     "deploy_device", "deploy_precision", "latency_b1_ms", "throughput_b256_img_s", "peak_mem_mb", "model_file_bytes",
+    # seeds and grids: the run's architecture, grid point and seed, its validation accuracy if
+    # recorded, and its group's (architecture at grid point) statistics over the finished seeds,
+    # repeated on each of the group's rows; the 95% interval of the mean is Student's t
+    "architecture", "point", "train_seed", "val_acc", "n_seeds", "test_acc_mean", "test_acc_std", "test_acc_ci95_low",
+    "test_acc_ci95_high", "best_point",
+    # how test_acc was chosen: "val" (the validation split chose the epoch) or "test"; and the best
+    # test accuracy over epochs, chosen on the test set as the seed's table was
+    "selected_by", "best_test_acc",
 ]
 
 
@@ -29,10 +38,16 @@ def train_images_per_s(metrics: list[dict]) -> tuple[float | None, bool]:
     return (statistics.median(rates[1:]), False) if len(rates) > 1 else (rates[0], True)
 
 
-def comparison_row(run: Run) -> dict[str, Any]:
-    """One row of the table at full precision (the CSV's values; the markdown rounds them)."""
+def comparison_row(run: Run, group: Group | None = None, best: bool | None = None) -> dict[str, Any]:
+    """One row of the table at full precision (the CSV's values; the markdown rounds them); with the
+    run's group, its statistics over seeds, and whether it is its architecture's best grid point."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(arch=run.name, status=run.detail)
+    row.update(arch=run.name, status=run.detail, architecture=run.arch, point=run.point, train_seed=run.seed, best_point=best)
+    if group is not None and group.test is not None:
+        t = group.test
+        interval = t.interval or (None, None)
+        row.update(n_seeds=t.n, test_acc_mean=t.mean, test_acc_std=t.std, test_acc_ci95_low=interval[0],
+                   test_acc_ci95_high=interval[1])
     seed = models.seed_row(run.arch)
     if seed is not None:
         _, theirs = seed
@@ -46,21 +61,35 @@ def comparison_row(run: Run) -> dict[str, Any]:
     to_best = summary["best_epoch_wall_time_s"] * summary["world_size"]
     rate, _ = train_images_per_s(run.metrics)
     row.update(
-        test_acc=summary["best_test_acc"], params=summary["params"], best_epoch=summary["best_epoch"],
+        val_acc=summary.get("val_acc"), test_acc=primary_acc(summary), params=summary["params"], best_epoch=summary["best_epoch"],
+        selected_by=summary.get("selected_by", "test"), best_test_acc=summary["best_test_acc"],
         train_acc=summary["train_acc"], gap=summary["gap"], gpu_s_to_best=to_best if run.on_gpu else None,
         cpu_s_to_best=None if run.on_gpu else to_best, train_images_per_s=rate, epochs_run=summary["epochs_run"],
         world_size=summary["world_size"], device=summary["device"],
     )
     if seed is not None:
-        row.update(test_acc_delta=summary["best_test_acc"] - seed[1].test_acc,
+        row.update(test_acc_delta=primary_acc(summary) - seed[1].test_acc,
                    train_acc_delta=summary["train_acc"] - seed[1].train_acc)
     return row
 
 
 def table_order(runs: list[Run]) -> list[Run]:
-    """Finished runs by best test accuracy, best first; then the others in the sweep's order."""
-    finished = sorted((r for r in runs if r.finished), key=lambda r: -r.summary["best_test_acc"])
+    """Finished runs by their group's mean best test accuracy (a group: an architecture at a grid
+    point, over seeds; one run alone is its own mean), each group's seeds together, best first;
+    then the others in the sweep's order."""
+    mean = {(g.arch, g.point): g.test.mean for g in groups(runs) if g.test is not None}
+    finished = sorted((r for r in runs if r.finished),
+                      key=lambda r: (-mean[r.group], r.group[0], r.group[1] or "", -primary_acc(r.summary)))
     return finished + [r for r in runs if not r.finished]
+
+
+def comparison_rows(runs: list[Run]) -> tuple[list[Run], list[dict[str, Any]]]:
+    """The table's runs in order and their rows, with each group's statistics."""
+    order = table_order(runs)
+    by_key = {(g.arch, g.point): g for g in groups(runs)}
+    best = best_points(list(by_key.values())) if has_grid(list(by_key.values())) else {}
+    rows = [comparison_row(r, by_key[r.group], (best.get(r.arch) is by_key[r.group]) if best else None) for r in order]
+    return order, rows
 
 
 def number_or_dash(value: float | None, spec: str = ".2f") -> str:
@@ -73,13 +102,13 @@ def seconds_text(value: float) -> str:
 
 def markdown_table(runs: list[Run]) -> str:
     lines = ["| arch | test acc % | seed | Δ | params M | best epoch | train acc % | seed | Δ | gap "
-             "| GPU-s to best ¹ | train img/s ² |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| GPU-s to best ¹ | train img/s ² | best test % ³ |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in table_order(runs):
         r = comparison_row(run)
         seed_test, seed_train = number_or_dash(r["seed_test_acc"]), number_or_dash(r["seed_train_acc"])
         if not run.finished:
-            lines.append(f"| {r['arch']} | {r['status']} | {seed_test} | - | - | - | - | {seed_train} | - | - | - | - |")
+            lines.append(f"| {r['arch']} | {r['status']} | {seed_test} | - | - | - | - | {seed_train} | - | - | - | - | - |")
             continue
         if r["gpu_s_to_best"] is not None:
             device_s = seconds_text(r["gpu_s_to_best"])
@@ -90,18 +119,22 @@ def markdown_table(runs: list[Run]) -> str:
         lines.append(
             f"| {r['arch']} | {r['test_acc']:.2f} | {seed_test} | {number_or_dash(r['test_acc_delta'], '+.2f')} "
             f"| {r['params'] / 1e6:.2f} | {r['best_epoch']} | {r['train_acc']:.2f} | {seed_train} "
-            f"| {number_or_dash(r['train_acc_delta'], '+.2f')} | {r['gap']:.2f} | {device_s} | {rate_text} |"
+            f"| {number_or_dash(r['train_acc_delta'], '+.2f')} | {r['gap']:.2f} | {device_s} | {rate_text} "
+            f"| {r['best_test_acc']:.2f} |"
         )
     return "\n".join(lines)
 
 
 TABLE_NOTES = (
-    "Test accuracy is each run's best epoch (as the seed's table has it); train accuracy is the best "
-    "epoch's, and the gap is train − test. Seed: the seed's figure; Δ: ours − seed's.\n"
+    "Test accuracy is at each run's selected epoch: chosen on its validation split (data.val_split) when it "
+    "had one, else its best test epoch (as the seed's table has it); best epoch, train accuracy and the gap "
+    "(train − test) are that epoch's. Seed: the seed's figure; Δ: ours − seed's.\n"
     "¹ Wall time of training and evaluation up to the end of the best epoch × processes (one GPU each). "
     "Runs on the CPU have no GPU-seconds: their cell gives the same product as CPU-s (wall time × processes).\n"
     "² The median over the epochs after the first, which includes compilation and the loader's start-up; "
-    "† marks a run with one epoch only, whose figure includes that start-up."
+    "† marks a run with one epoch only, whose figure includes that start-up.\n"
+    "³ The best test accuracy over all epochs, chosen on the test set as the seed's table was: equal to the "
+    "test accuracy for runs without a validation split."
 )
 
 
@@ -122,9 +155,9 @@ def sweep_header(name: str, runs: list[Run]) -> str:
                 f"tested on {test} test images")
         data.setdefault(text, []).append(r.name)
         device.setdefault(f"{r.summary['world_size']} x {r.summary['device']}", []).append(r.name)
-    for label, groups in (("data", data), ("device", device)):
-        for text, names in groups.items():
-            which = f" ({', '.join(names)})" if len(groups) > 1 else ""
+    for label, found in (("data", data), ("device", device)):
+        for text, names in found.items():
+            which = f" ({', '.join(names)})" if len(found) > 1 else ""
             lines.append(f"- {label}: {text}{which}")
     return "\n".join(lines)
 

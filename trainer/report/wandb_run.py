@@ -1,9 +1,14 @@
-"""The report's W&B run: job type `report` in the sweep's group, holding the table, the ensemble and the plots."""
+"""The report's W&B run (job type `report` in the sweep's group: the table, interactive charts built
+from it, the ensemble and the PNG plots), and syncing a sweep's offline runs in one command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+from trainer import UserError
 
 from trainer.logger import resolve_wandb_mode
 from trainer.report.ensemble import EnsembleResult
@@ -30,6 +35,7 @@ def log_to_wandb(name: str, folder: Path, runs: list[Run], rows: list[dict], plo
         )
         values: dict[str, Any] = {"comparison": wandb.Table(columns=COLUMNS, data=[[row[c] for c in COLUMNS] for row in rows])}
         values.update({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots})
+        values.update(charts(wandb, values["comparison"], rows, runs))
         if ensemble is not None:
             values["ensemble"] = wandb.Table(
                 columns=["model", "test_acc", "correct", "total"],
@@ -45,3 +51,38 @@ def log_to_wandb(name: str, folder: Path, runs: list[Run], rows: list[dict], plo
         return f"warning: W&B could not log the report ({type(e).__name__}: {e}); the files above have it all"
     where = f"; upload it with: wandb sync {run_dir}" if mode == "offline" else ""
     return f"W&B: report run in group {group} ({mode}){where}"
+
+
+def charts(wandb: Any, table: Any, rows: list[dict], runs: list[Run]) -> dict[str, Any]:
+    """W&B's own interactive charts, from the comparison table itself (hover shows the values; the
+    PNGs stay for the report file): accuracy against parameters and against compute, and the curves."""
+    seconds = next((c for c in ("gpu_s_to_best", "cpu_s_to_best") if any(r[c] is not None for r in rows)), None)
+    out = {"charts/acc_vs_params": wandb.plot.scatter(table, "params", "test_acc",
+                                                      title="best test accuracy (%) vs parameters")}
+    if seconds is not None:
+        out["charts/acc_vs_seconds"] = wandb.plot.scatter(table, seconds, "test_acc",
+                                                          title=f"best test accuracy (%) vs {seconds}")
+    curves = [r for r in runs if r.metrics]
+    if curves:
+        out["charts/test_acc_curves"] = wandb.plot.line_series(
+            xs=[[m["epoch"] for m in r.metrics] for r in curves], ys=[[m["test_acc"] for m in r.metrics] for r in curves],
+            keys=[r.name for r in curves], title="test accuracy (%) per epoch", xname="epoch")
+    return out
+
+
+def offline_runs(folder: Path) -> list[Path]:
+    """Every offline W&B run under a sweep folder: each training run's and the report's."""
+    return sorted(p for p in folder.glob("**/wandb/offline-run-*") if p.is_dir())
+
+
+def sync(folder: Path, out: Any = print) -> int:
+    """Uploads every offline run of the sweep with one `wandb sync` (it skips runs synced before)."""
+    found = offline_runs(folder)
+    if not found:
+        raise UserError(f"{folder}: no offline W&B runs in it (runs online or with logging.mode=disabled leave none)")
+    out(f"syncing {len(found)} offline W&B run(s) of {folder}")
+    done = subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, found)])
+    if done.returncode != 0:
+        raise UserError(f"wandb sync failed (exit {done.returncode}); check `wandb login` and the network, then run "
+                        f"this command again: runs already uploaded are skipped")
+    return 0

@@ -3,7 +3,8 @@
 `last.pt` holds the whole training state and is replaced at every save; the one it replaces is kept
 as `prev.pt`, so a `last.pt` that was cut short (a full disk, a node lost mid-write on a non-atomic
 filesystem) or is otherwise unreadable is reported and the previous good state is used instead.
-`best.pt` holds the model weights of the best test accuracy so far.
+`best.pt` holds the model weights of the selected epoch so far: the best validation accuracy with a
+validation split (data.val_split), else the best test accuracy.
 
 The training state: the state_dict of each stateful part (model, ema, optimizer, scheduler, scaler),
 the progress (its fields at the top level), the partial epoch's sums, every rank's random number
@@ -28,7 +29,7 @@ from trainer.config import Config, to_dict
 from trainer.distributed import Dist
 from trainer.files import atomic_path, remove_stale_temp_files
 from trainer.run_files import RESTART_HINT
-from trainer.training.progress import Progress
+from trainer.training.progress import Best, Progress
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.stateful import Stateful
@@ -109,22 +110,27 @@ def remove_stale_saves(folder: Path) -> list[Path]:
     return [tmp for name in (LAST, PREV, BEST) for tmp in remove_stale_temp_files(folder / name)]
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's generators, as tensors and plain values (numpy's key array would not load
-    with weights_only=True, so it is stored as a tensor)."""
+    with weights_only=True, so it is stored as a tensor). Of the GPUs only this process's own: a
+    resumed process may see fewer GPUs (one per process under srun), and another rank's GPU
+    generator is that rank's to save."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # written before one state per process: every visible GPU's
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     random.setstate(state["python"])
@@ -133,9 +139,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _all_rng_states(group: Dist) -> list[dict[str, Any]]:
     """Every rank's generators, in rank order (a collective)."""
     if not group.enabled:
-        return [rng_state()]
+        return [rng_state(group.device)]
     states: list[Any] = [None] * group.world_size
-    torch.distributed.all_gather_object(states, rng_state())
+    torch.distributed.all_gather_object(states, rng_state(group.device))
     return states
 
 
@@ -168,19 +174,34 @@ def resume(
         return None
     if state["arch"] != cfg.model.arch:
         raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
+    _check_same_split(folder, state["config"]["data"], cfg)
     for name, part in parts.items():
         if part is not None and state[name] is not None:  # e.g. an EMA switched on when resuming starts afresh
             part.load_state_dict(state[name])
     train_sums.copy_(state["train_sums"])
     progress = Progress.from_dict(state)
     if state["world_size"] == group.world_size:
-        set_rng_state(state["rng"][group.rank])
+        set_rng_state(state["rng"][group.rank], group.device)
     else:  # a different number of ranks cannot replay the same random streams
         torch.manual_seed(cfg.train.seed + 1 + group.rank + 1000 * progress.global_step)
     return progress
 
 
-def save_best(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, epoch: int, test_acc: float) -> None:
-    """Writes best.pt: the weights to deploy (the EMA's when there is one) and what they scored."""
-    state = {"model": weights, "arch": cfg.model.arch, "epoch": epoch, "test_acc": test_acc, "config": to_dict(cfg)}
+def _check_same_split(folder: Path, saved: dict, cfg: Config) -> None:
+    """Refuses to resume with another validation split: the best epoch so far was selected on the
+    saved one (or on the test set), and images it held out may already have been trained on."""
+    # Absent from checkpoints written before the split existed: those had none.
+    was = (saved.get("val_split", 0), saved.get("val_seed", 0))
+    now = (cfg.data.val_split, cfg.data.val_seed)
+    if was != now:
+        raise UserError(f"{folder}: the run was started with data.val_split={was[0]} data.val_seed={was[1]}, not "
+                        f"{now[0]} and {now[1]}; resume it with its own values, or use another --run-dir")
+
+
+def save_best(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, best: Best) -> None:
+    """Writes best.pt: the weights to deploy (the EMA's when there is one), what they scored, and
+    what they were selected by (`val_acc` None: by the test accuracy, without a validation split)."""
+    state = {"model": weights, "arch": cfg.model.arch, "epoch": best.epoch, "test_acc": best.test_acc,
+             "val_acc": best.val_acc, "selected_by": "val" if best.val_acc is not None else "test",
+             "config": to_dict(cfg)}
     save(state, folder / BEST)

@@ -6,7 +6,10 @@
 The run folder (default runs/<arch>-<timestamp>/) gets config.yaml, metrics.jsonl (a line per
 epoch), checkpoints/{last,prev,best}.pt and, when the run ends, summary.json. Starting again with
 the same run folder resumes from its newest readable checkpoint — also mid-epoch: the loader
-replays that epoch's order and skips the batches already trained on. SIGTERM and SIGUSR2 stop the
+replays that epoch's order and skips the batches already trained on. Bit-exact resume holds on the
+CPU only: on a GPU, cuDNN's autotuned kernels, atomics in backward kernels and NCCL's reduction
+order vary between runs, so a resumed GPU run ends close to, not equal to, an uninterrupted one.
+SIGTERM and SIGUSR2 stop the
 run at the next synchronisation point with a checkpoint; run the same command again to go on.
 
 One trainer at a time uses a run folder: rank 0 holds its lock (.lock, naming the holder's PID and
@@ -33,7 +36,7 @@ import torch
 
 from trainer import UserError, cli, distributed, run_files
 from trainer.config import Config, load_config, to_yaml
-from trainer.device import device_name
+from trainer.device import amp_choice, device_name
 from trainer.distributed import Dist
 from trainer.files import FileLock, LockHeld, remove_stale_temp_files, write_text_atomic
 from trainer.logger import make_logger
@@ -207,11 +210,11 @@ def train(
     is locked, the Trainer built (the data, the batch size and the checkpoint checked), and only
     then config.yaml written. A command that fails before that leaves the folder as it was.
     """
-    group = distributed.setup()
+    cfg = _load_run_config(config, overrides, run_dir)  # before joining: it holds the group's timeout
+    group = distributed.setup(cfg.train.dist_timeout_s)
     trainer = logger = claim = None
     writing = False  # the command was found valid and has begun to write into the folder
     try:
-        cfg = _load_run_config(config, overrides, run_dir)
         if restart and run_dir is None:
             raise UserError("--restart needs --run-dir: the folder of the run to start over")
         run_dir = _run_dir(cfg, run_dir, group)
@@ -232,6 +235,7 @@ def train(
             f"in {run_dir} on {group.world_size} x {device_name(group.device)}"
             + (f" from epoch {progress.epoch + 1}, step {progress.epoch_step}" if trainer.resumed else "")
         )
+        logger.info(f"precision: {amp_choice(group.device, cfg.train.amp)}")
         try:
             summary = trainer.run(logger)
         except Stopped as e:
@@ -240,9 +244,21 @@ def train(
         if group.is_main:
             write_text_atomic(run_dir / run_files.SUMMARY, json.dumps(summary, indent=2) + "\n")
         logger.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        logger.info(f"done: best test accuracy {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
-                    f"summary in {run_dir / run_files.SUMMARY}")
+        logger.log_model(run_dir / run_files.CHECKPOINTS / checkpoint.BEST, cfg.model.arch,
+                         {k: summary[k] for k in ("best_test_acc", "best_epoch", "selected_by", "val_acc",
+                                                   "test_acc_at_best_val", "params", "git_sha")})
+        if summary["selected_by"] == "val":
+            logger.info(f"done: best validation accuracy {summary['val_acc']:.2f}% at epoch {summary['best_epoch']}, "
+                        f"test accuracy there {summary['test_acc_at_best_val']:.2f}%; summary in "
+                        f"{run_dir / run_files.SUMMARY}")
+        else:
+            logger.info(f"done: best test accuracy {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
+                        f"summary in {run_dir / run_files.SUMMARY}")
         return summary
+    except RuntimeError as e:
+        if group.enabled and distributed.is_collective_failure(e):
+            raise distributed.describe_collective_failure(e, group.rank, cfg.train.dist_timeout_s) from None
+        raise
     finally:
         if logger is not None:
             logger.finish()

@@ -23,7 +23,7 @@ class Stopped(Exception):
 
 
 class Reason(enum.Enum):
-    PATIENCE = "patience"  # no better test accuracy for train.patience epochs
+    PATIENCE = "patience"  # no better validation (or, without a split, test) accuracy for train.patience epochs
     TIME_BUDGET = "time budget"  # train.time_budget_s of training passed
     STOP_AFTER_EPOCH = "stop after epoch"  # --stop-after-epoch, a preemption on request
     SIGNAL = "signal"  # SIGTERM or SIGUSR2: a preemption
@@ -58,7 +58,8 @@ def should_stop(
         return Stop(Reason.SIGNAL, f"stopped by signal {signal.Signals(signum).name} in epoch {epoch + 1} at step "
                                    f"{progress.epoch_step}; checkpoint saved, run again to resume")
     if cfg.patience and progress.bad_epochs >= cfg.patience:
-        return Stop(Reason.PATIENCE, f"early stopping: no better test accuracy for {cfg.patience} epochs")
+        metric = "validation" if progress.best.val_acc is not None else "test"
+        return Stop(Reason.PATIENCE, f"early stopping: no better {metric} accuracy for {cfg.patience} epochs")
     if cfg.time_budget_s and progress.elapsed_s >= cfg.time_budget_s:
         return Stop(Reason.TIME_BUDGET, f"time budget reached: {progress.elapsed_s:.0f} s of training >= "
                                         f"train.time_budget_s={cfg.time_budget_s:g}; stopping after epoch {epoch} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,9 +11,10 @@ import torch.nn as nn
 
 from trainer import provenance
 from trainer.config import Config
-from trainer.data.checks import data_record
-from trainer.device import device_name
-from trainer.distributed import Dist
+from trainer.data.checks import check_beton, data_record
+from trainer.data.common import split_record
+from trainer.device import amp_dtype, device_name, precision_name
+from trainer.distributed import Dist, hosts
 from trainer.training.progress import Progress
 
 
@@ -28,28 +30,52 @@ def ranks_in_sync(model: nn.Module, group: Dist) -> bool:
     return bool(torch.equal(lowest, highest))
 
 
+def _split_record(cfg: Config) -> dict | None:
+    """The validation split's record (common.split_record), None without one."""
+    if not cfg.data.val_split:
+        return None
+    return split_record(check_beton(Path(cfg.data.dir) / "train.beton"), cfg.data)
+
+
 def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: bool) -> dict[str, Any]:
+    """A collective (it gathers the ranks' host names): every rank calls it."""
     best = progress.best
+    selected_by = "val" if best.val_acc is not None else "test"
     return {
         "arch": cfg.model.arch,
-        "test_acc": progress.last_test_acc,
-        "best_test_acc": best.test_acc,
-        "best_epoch": best.epoch,
-        "train_acc": best.train_acc,  # in the best epoch, as the seed's table has it
-        "gap": best.train_acc - best.test_acc,
+        "test_acc": progress.last_test_acc,  # of the last epoch
+        # How the best epoch (best.pt, best_epoch, train_acc, gap) was chosen: "val", on the
+        # validation split (data.val_split), or "test", on the test set (no split: the seed's way).
+        "selected_by": selected_by,
+        "val_acc": best.val_acc,  # the best validation accuracy (None without a split)
+        "test_acc_at_best_val": best.test_acc if selected_by == "val" else None,  # the unbiased test figure
+        # The best test accuracy of any epoch, as the seed reported it: with a split, an optimistic
+        # figure (chosen on the test set itself), kept for comparison with the seed's table.
+        "best_test_acc": progress.best_test_acc,
+        "best_test_epoch": progress.best_test_epoch,
+        "best_epoch": best.epoch,  # the selected epoch: best.pt's
+        "train_acc": best.train_acc,  # in the selected epoch, as the seed's table has it
+        "gap": best.train_acc - best.test_acc,  # train minus test accuracy, both of the selected epoch
         "params": params,
         "epochs_run": progress.epoch,
         "stopped_early": progress.epoch < cfg.train.epochs,
-        "wall_time_s": progress.elapsed_s,
+        "wall_time_s": progress.elapsed_s,  # training, evaluating and compiling (compile_s of it)
+        "compile_s": progress.compile_s,
         "best_epoch_wall_time_s": best.elapsed_s,
         "gpu_seconds": progress.elapsed_s * group.world_size if group.device.type == "cuda" else None,
         "world_size": group.world_size,
+        "hosts": hosts(group),  # the distinct hosts the ranks ran on
         "ranks_in_sync": in_sync,
         "device": device_name(group.device),
+        # The precision trained in ("bf16", "fp16" or "fp32"), resolved from the setting on this device
+        # by the rule the trainer used (train.amp=auto depends on the CPU's bf16 units).
+        "amp": precision_name(amp_dtype(group.device, cfg.train.amp)),
+        "amp_setting": cfg.train.amp,
         "torch_version": torch.__version__,
         "git_sha": provenance.git_sha(),
         "command": provenance.command(),
         # The record checks.verify made when the loaders were built: hashes of the files as read, not the sidecar's.
-        "data": data_record(cfg.data.dir),
+        # The validation split (images, seed, a hash of the indices held out) joins it: None without one.
+        "data": {**data_record(cfg.data.dir), "val_split": _split_record(cfg)},
         "finished_at": datetime.now().isoformat(timespec="seconds"),
     }

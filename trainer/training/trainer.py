@@ -14,20 +14,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from trainer import UserError, models, run_files
 from trainer.cli import naming
 from trainer.config import Config
-from trainer.data import build_loaders
-from trainer.data.common import default_threads
+from trainer.data import build_loaders, build_val_loader
+from trainer.data.common import DTYPES, default_threads, per_process_batch
 from trainer.device import amp_dtype
-from trainer.distributed import Dist, all_reduce_max, all_reduce_sum
+from trainer.distributed import Dist
 from trainer.logger import NullLogger
 from trainer.training import checkpoint, stopping
-from trainer.training.evaluate import evaluate
+from trainer.training.collectives import all_reduce_max, all_reduce_sum, broadcast, tracking
+from trainer.training.ema import EMA
+from trainer.training.evaluate import evaluate_counted, predict
 from trainer.training.optim import lr_lambda, param_groups
-from trainer.training.progress import Best, Progress
+from trainer.training.progress import Progress
 from trainer.training.summary import ranks_in_sync, summary
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -65,7 +66,7 @@ class StopCheck:
         """The stop signal any rank received (a collective), and the interval to the next check."""
         measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since], dtype=torch.float64,
                                 device=self.device)
-        any_signal, slowest_s = all_reduce_max(measured).tolist()
+        any_signal, slowest_s = all_reduce_max(measured, self.device).tolist()
         fits = int(self.bound_s * self.steps / slowest_s) if slowest_s > 0 else 2 * self.every
         # At most doubling: one interval that happened to be fast cannot stretch the next one far
         # past the bound.
@@ -86,6 +87,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, group: Dist, stop_after_epoch: int | None = None) -> None:
+        with tracking():  # strict collectives (tests): note the tensors made without a device
+            self._build(cfg, run_dir, group, stop_after_epoch)
+
+    def _build(self, cfg: Config, run_dir: Path, group: Dist, stop_after_epoch: int | None) -> None:
         self.cfg, self.run_dir, self.group = cfg, run_dir, group
         self.stop_after_epoch = stop_after_epoch
         self.ckpt_dir = run_dir / run_files.CHECKPOINTS
@@ -93,21 +98,28 @@ class Trainer:
         # The longest a stop signal waits for the ranks to agree on it inside an epoch.
         self.stop_check = StopCheck(cfg.train.stop_check_s, group.device)
         device = group.device
+        if device.type == "cuda":
+            # Every training batch has the same shape (drop_last) and so has every test batch
+            # (evaluate pads the last one), so cuDNN's one-off search for the fastest algorithms
+            # pays off. A GPU run must confirm the speed-up; it also makes results differ from run
+            # to run in the last bits (see the resume note in run.py).
+            torch.backends.cudnn.benchmark = True
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.threads = cfg.train.threads or default_threads()
         self.train_loader, self.test_loader = build_loaders(cfg.data, group, cfg.train.seed, self.threads)
+        # With data.val_split, the held-out training images: the best epoch, best.pt and early
+        # stopping are chosen on them, and the test set is only reported.
+        self.val_loader = build_val_loader(cfg.data, group, self.threads)
         self.memory_format = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
 
         self.model = models.build(cfg.model.arch).to(device, memory_format=self.memory_format)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
-            if cfg.train.ema
-            else None
-        )
-        global_batch = cfg.data.batch_size * group.world_size
-        self.peak_lr = cfg.optim.lr * global_batch / 256  # linear scaling with the global batch
+        # On the training device: its buffers are broadcast before each evaluation (NCCL: GPU tensors only).
+        self.ema = EMA(self.model, cfg.train.ema, device) if cfg.train.ema else None
+        # data.batch_size is the global batch: the recipe, whatever the number of processes.
+        self.batch = per_process_batch(cfg.data.batch_size, group.world_size)
+        self.peak_lr = cfg.optim.lr * cfg.data.batch_size / 256  # linear scaling with the global batch
         self.optimizer = torch.optim.SGD(
             param_groups(self.model, cfg.optim.weight_decay),
             lr=self.peak_lr,
@@ -124,13 +136,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
-        use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+        self.use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
         # Compile first, then wrap in DDP (DDP(compiled) lets DDP's hooks see whole graphs);
         # state is always saved from and loaded into self.model, so no prefixes leak into files.
-        self.compiled = torch.compile(self.model) if use_compile else self.model
+        self.compiled = torch.compile(self.model) if self.use_compile else self.model
+        self.compile_s = 0.0  # this process's compile time, not yet added to the progress
+        self.train_compiled = self.eval_compiled = not self.use_compile
         self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None) if group.enabled else None
 
         self.train_sums = torch.zeros(3, device=device, dtype=torch.float64)  # this epoch's loss sum, correct, count
+        # Per step, reset each epoch: the first step with a non-finite loss; loss sum and count since the last log.
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.window = torch.zeros(2, device=device, dtype=torch.float64)
         progress = checkpoint.resume(self.ckpt_dir, self._parts(), self.train_sums, group, cfg)
         self.resumed = progress is not None
         self.progress = progress or Progress()
@@ -172,7 +189,7 @@ class Trainer:
     def _signalled(self) -> int | None:
         """The stop signal any rank received, on every rank (a collective: call at the same steps)."""
         signum = torch.tensor([self.stop_signal or 0], device=self.group.device)
-        return int(all_reduce_max(signum).item()) or None
+        return int(all_reduce_max(signum, self.group.device).item()) or None
 
     # ---- one epoch ----------------------------------------------------------------------
 
@@ -183,8 +200,8 @@ class Trainer:
         net.train()
         self.train_loader.set_epoch(progress.epoch)  # this epoch's order, also after a resume
         skip = progress.epoch_step
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        window = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, count since last log
+        self.first_bad.fill_(-1)
+        self.window.zero_()
         from tqdm import tqdm
 
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
@@ -196,17 +213,18 @@ class Trainer:
             for i, (x, y) in enumerate(batches):
                 if i < skip:  # replaying a partly trained epoch: these batches were already used
                     continue
-                loss = self._step(net, x, y)
-                n = y.shape[0]
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), progress.global_step, first_bad)
-                window += torch.stack([loss * n, loss.new_tensor(n)])
+                if self.train_compiled:
+                    self._step(net, x, y)
+                else:
+                    self._timed_compile(self._step, net, x, y)
+                    self.train_compiled = True
                 progress.global_step += 1
                 progress.epoch_step += 1
                 bar.update()
                 # The only host syncs inside an epoch: the logging steps and the stop checks.
                 if progress.global_step % cfg.logging.log_every == 0:
-                    self._check_finite(first_bad)
-                    all_reduce_sum(window)
+                    self._check_finite()
+                    window = all_reduce_sum(self.window, device)
                     logger.log_step(progress.global_step, {"loss": (window[0] / window[1]).item(),
                                                            "lr": self.scheduler.get_last_lr()[0]})
                     window.zero_()
@@ -214,14 +232,24 @@ class Trainer:
                 # mid-epoch checkpoint then always has batches left to train.
                 if (progress.epoch_step < self.steps_per_epoch and self.stop_check.due()
                         and self.stop_check.agree(self.stop_signal) is not None):
-                    self._check_finite(first_bad)  # the checkpoint saved next must hold finite weights
+                    self._check_finite()  # the checkpoint saved next must hold finite weights
                     return False
-        self._check_finite(first_bad)
+        self._check_finite()
         return True
 
-    def _step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on the batch; adds it to the epoch's sums and returns its loss (on the
-        device: reading it would be a host sync)."""
+    def _timed_compile(self, first_call: Any, *args: Any) -> None:
+        """Runs the first call of a compiled graph and counts its time as compile time (the call
+        itself is one step or batch: negligible beside compiling)."""
+        start = time.perf_counter()
+        first_call(*args)
+        if self.group.device.type == "cuda":
+            torch.cuda.synchronize(self.group.device)  # once per process: the compile ends when the work does
+        self.compile_s += time.perf_counter() - start
+
+    def _step(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on the batch, added to the epoch's sums, the logging window and the
+        non-finite check. No host sync: the loss stays on the device, the image count is a Python
+        int that reaches the device as a kernel argument, not as a copied tensor."""
         with torch.autocast(self.group.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = net(x)
             loss = self.criterion(out, y)
@@ -231,14 +259,17 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         if self.ema:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
         loss = loss.detach().double()
         n = y.shape[0]
-        self.train_sums += torch.stack([loss * n, (out.argmax(1) == y).sum().double(), loss.new_tensor(n)])
-        return loss
+        count = torch.full_like(loss, n)
+        self.train_sums += torch.stack([loss * n, (out.argmax(1) == y).sum().double(), count])
+        self.window += torch.stack([loss * n, count])
+        step = self.progress.global_step
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
 
-    def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = all_reduce_max(first_bad.clone()).item()
+    def _check_finite(self) -> None:
+        bad = all_reduce_max(self.first_bad.clone(), self.group.device).item()
         if bad >= 0:
             epoch = bad // self.steps_per_epoch + 1
             raise NonFiniteLoss(
@@ -254,62 +285,94 @@ class Trainer:
         ranks must evaluate, and end, with the same model.
         """
         if self.group.enabled:
-            for buffer in [*self.model.buffers(), *(self.ema.buffers() if self.ema else [])]:
-                torch.distributed.broadcast(buffer, src=0)
+            broadcast([*self.model.buffers(), *(self.ema.buffers() if self.ema else [])], self.group.device)
 
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy (%) over the whole test set: each rank its shard, counts summed."""
+        loss, acc, _ = self._evaluate(self._eval_net(), self.test_loader)
+        return loss, acc
+
+    def _evaluate(self, net: nn.Module, loader: Any) -> tuple[float, float, int]:
+        return evaluate_counted(net, loader, self.cfg.train.tta, self.amp_dtype, pad_to=self.batch)
+
+    def _eval_net(self) -> nn.Module:
+        """The network to evaluate (the EMA's when there is one), the same on every rank, its eval
+        graph compiled (and the time counted) if compiling."""
         self._sync_buffers()
         net = self.ema.module if self.ema else self.compiled
-        return evaluate(net, self.test_loader, self.cfg.train.tta, self.amp_dtype)
+        if not self.eval_compiled and net is self.compiled:
+            # The eval graph compiles on its first batch; warm it up on a dummy batch of the one
+            # shape evaluation uses (evaluate pads the last batch), so its time is counted apart.
+            x = torch.zeros(self.batch, 3, 32, 32, dtype=DTYPES[self.cfg.data.dtype], device=self.group.device)
+            net.eval()
+            with torch.no_grad():
+                self._timed_compile(predict, net, x.contiguous(memory_format=self.memory_format),
+                                    self.cfg.train.tta, self.amp_dtype)
+            self.eval_compiled = True
+        return net
 
     def _end_epoch(self, logger: NullLogger, start: float, images_before: float, sums: list[float]) -> None:
         """Evaluates the epoch just trained, records it in the progress, saves and logs it."""
         group, progress = self.group, self.progress
-        train_s = time.perf_counter() - start
-        test_loss, test_acc = self.evaluate()
-        progress.elapsed_s += time.perf_counter() - start
+        train_s = time.perf_counter() - start - self.compile_s  # compiling so far: the first training step's
+        net = self._eval_net()
+        val = self._evaluate(net, self.val_loader) if self.val_loader is not None else None
+        test_loss, test_acc, _ = self._evaluate(net, self.test_loader)
+        compile_s = self._take_compile_s()
+        epoch_s = time.perf_counter() - start  # compiling included: it is spent, and it counts in the budget
+        progress.elapsed_s += epoch_s
         progress.epoch += 1
         progress.epoch_step = 0
         self.train_sums.zero_()
-        progress.last_test_acc = test_acc
         train_acc = 100.0 * sums[1] / sums[2]
         metrics = {
             "epoch": progress.epoch,
             "train_loss": sums[0] / sums[2],
             "train_acc": train_acc,
+        }
+        if val is not None:  # val_images: counted over every rank's shard, data.val_split when each counts once
+            metrics.update(val_loss=val[0], val_acc=val[1], val_images=val[2])
+        metrics |= {
             "test_loss": test_loss,
             "test_acc": test_acc,
             "lr": self.scheduler.get_last_lr()[0],
             "images_per_s": (sums[2] - images_before * group.world_size) / train_s,
-            "epoch_s": time.perf_counter() - start,
+            "epoch_s": epoch_s,
+            "compile_s": compile_s,  # the part of epoch_s spent compiling
             "peak_mem_mb": _peak_memory_mb(group.device),
             "elapsed_s": progress.elapsed_s,
         }
-        if test_acc > progress.best.test_acc:
-            progress.best = Best(test_acc, progress.epoch, train_acc, progress.elapsed_s)
-            progress.bad_epochs = 0
-            if group.is_main:
-                weights = (self.ema.module if self.ema else self.model).state_dict()
-                with naming(self.ckpt_dir / checkpoint.BEST):
-                    checkpoint.save_best(self.ckpt_dir, weights, self.cfg, progress.epoch, test_acc)
-        else:
-            progress.bad_epochs += 1
+        # Selected on the validation accuracy when there is a split (the EMA's and with TTA if on,
+        # as the test accuracy): the test set then chooses nothing, it is only reported.
+        selected = progress.record_epoch(test_acc, val[1] if val is not None else None, train_acc)
+        if selected and group.is_main:
+            weights = (self.ema.module if self.ema else self.model).state_dict()
+            with naming(self.ckpt_dir / checkpoint.BEST):
+                checkpoint.save_best(self.ckpt_dir, weights, self.cfg, progress.best)
         self.save_last()
         with naming(self.run_dir / run_files.METRICS):
             logger.log_epoch(metrics)
         logger.info(
             f"epoch {progress.epoch:3d}  train loss {metrics['train_loss']:.3f} acc {train_acc:5.2f}  "
-            f"test loss {test_loss:.3f} acc {test_acc:5.2f}  {metrics['images_per_s']:,.0f} img/s  "
+            + (f"val loss {val[0]:.3f} acc {val[1]:5.2f}  " if val is not None else "")
+            + f"test loss {test_loss:.3f} acc {test_acc:5.2f}  {metrics['images_per_s']:,.0f} img/s  "
             f"{metrics['epoch_s']:.1f} s"
         )
+
+    def _take_compile_s(self) -> float:
+        """The compile time since the last call, added to the progress's total. The wall times and the
+        time budget include it (compiling is time the run spends, and must pay for itself inside a
+        budget); it is reported apart so that a warm cache or another machine can be told apart."""
+        compile_s, self.compile_s = self.compile_s, 0.0
+        self.progress.compile_s += compile_s
+        return compile_s
 
     # ---- the run ------------------------------------------------------------------------
 
     def run(self, logger: NullLogger) -> dict[str, Any]:
         """Trains until should_stop gives a reason; returns the summary if the run is over, or raises
         Stopped (with the checkpoint saved) if it was paused."""
-        with self._catching_stop_signals():
+        with self._catching_stop_signals(), tracking():
             while (stop := stopping.should_stop(self.progress, self.cfg.train, self.stop_after_epoch,
                                                 self._signalled())) is None:
                 start = time.perf_counter()
@@ -317,10 +380,11 @@ class Trainer:
                     torch.cuda.reset_peak_memory_stats(self.group.device)
                 images_before = self.train_sums[2].item()
                 finished = self.train_epoch(logger)
-                sums = all_reduce_sum(self.train_sums.clone()).tolist()
+                sums = all_reduce_sum(self.train_sums.clone(), self.group.device).tolist()
                 if finished:
                     self._end_epoch(logger, start, images_before, sums)
                 else:  # paused mid-epoch: should_stop names the signal next
+                    self._take_compile_s()
                     self.progress.elapsed_s += time.perf_counter() - start
                     self.save_last()
         if not stop.ends_run:

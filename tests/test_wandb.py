@@ -1,0 +1,74 @@
+"""W&B as the place to compare: what a training run and the sweep report leave in W&B, read back
+from the offline records (no network here)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO
+from wandb_records import history, read_records
+
+
+def records_of(run_dir: Path) -> list:
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return read_records(wandb_file)
+
+
+def test_training_run_records_its_link_console_and_model_artifact(trained_tiny_run):
+    record = json.loads((trained_tiny_run / "wandb.json").read_text())
+    assert record["mode"] == "offline" and record["url"] is None
+    assert Path(record["offline_dir"]).is_dir() and record["id"] in record["offline_dir"]
+    stdout = (trained_tiny_run / "stdout.txt").read_text()
+    assert f"W&B run {record['id']}" in stdout and f"wandb sync {record['offline_dir']}" in stdout
+
+    records = records_of(trained_tiny_run)
+    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "model" and artifact.name == f"resnet9_tiny-{record['id']}"
+    assert {"best", "resnet9_tiny"} <= set(artifact.aliases)
+    assert [c.path for c in artifact.manifest.contents] == ["best.pt"]
+    summary = json.loads((trained_tiny_run / "summary.json").read_text())
+    assert json.loads(artifact.metadata)["best_test_acc"] == summary["best_test_acc"]
+    # console capture: the run page shows the trainer's log
+    console = "".join(r.output_raw.line for r in records if r.WhichOneof("record_type") == "output_raw")
+    assert "training resnet9_tiny" in console and "done: best test accuracy" in console
+
+
+def test_report_run_has_interactive_charts_and_one_command_syncs_the_sweep(trained_tiny_run, tmp_path):
+    from trainer.report.wandb_run import offline_runs
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(trained_tiny_run, sweep / "resnet9_tiny")
+    # as a user runs it: the process, and W&B's writing for it, has ended when the records are read
+    done = subprocess.run([sys.executable, str(REPO / "jobs/report.py"), str(sweep), "--no-deploy", "--no-ensemble",
+                           "--wandb-mode", "offline"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "W&B: report run" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    # wandb's service process writes the run file; on a loaded machine its last records can land a
+    # moment after finish() has returned in this process
+    deadline = time.monotonic() + 60
+    while not (rows := [h for h in history(records_of(sweep)) if "comparison/_type" in h]):
+        assert time.monotonic() < deadline, "the report run's table never reached its .wandb file"
+        time.sleep(1)
+    (row,) = rows
+    charts = {k.split("_table/")[0] for k in row if k.startswith("charts/")}
+    assert {"charts/acc_vs_params", "charts/acc_vs_seconds", "charts/test_acc_curves"} <= charts, sorted(row)
+    # the sweep's offline runs: the training run's and the report's, found for one `wandb sync`
+    found = offline_runs(sweep)
+    assert len(found) == 2 and {p.parent.parent.name for p in found} == {"resnet9_tiny", "sweep"}
+
+
+def test_launcher_status_shows_where_each_run_is_on_wandb(trained_tiny_run, tmp_path):
+    from trainer.launch import _wandb_link
+
+    record = json.loads((trained_tiny_run / "wandb.json").read_text())
+    assert _wandb_link(trained_tiny_run) == f"offline: {record['offline_dir']}"
+    online = tmp_path / "online"
+    online.mkdir()
+    (online / "wandb.json").write_text(json.dumps({**record, "mode": "online", "url": "https://wandb.ai/u/p/runs/x"}))
+    assert _wandb_link(online) == "https://wandb.ai/u/p/runs/x"
+    (online / "wandb.json").write_text('{"id": "x", "mo')  # cut short
+    assert _wandb_link(online) is None and _wandb_link(tmp_path / "none") is None
