@@ -69,16 +69,24 @@ def _export_slurm_env() -> None:
         return
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return
-    import submitit
-
     # submitit recognises a SLURM job by this variable, which only its own batch files set.
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-    env = submitit.helpers.TorchDistributedEnvironment()  # the master: the job's first host; the port: from the job id
+    export_submitit_env(world_size=os.environ["SLURM_STEP_NUM_TASKS"])  # the step's tasks, not the job's
+
+
+def export_submitit_env(world_size: str | None = None) -> None:
+    """Fills in the torch variables missing from the environment, as submitit sees this job (a
+    SLURM job, or its local executor's): the master is the job's first host, the port comes from
+    the job id. Variables already set are kept: submitit's own export() raises on them, or with
+    overwrite replaces a MASTER_ADDR/PORT that a batch script's setup lines chose."""
+    import submitit
+
+    env = submitit.helpers.TorchDistributedEnvironment()
     derived = {
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
         "RANK": str(env.rank),
-        "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],  # the step's tasks, not the job's
+        "WORLD_SIZE": world_size or str(env.world_size),
         "LOCAL_RANK": str(env.local_rank),
         "LOCAL_WORLD_SIZE": str(env.local_world_size),
     }

@@ -28,11 +28,10 @@ import torch
 import torch.nn as nn
 
 from trainer import UserError, cli, models, provenance, run_files
-from trainer.data.cifar10 import MEAN, STD
+from trainer.data.cifar10 import MEAN, SIDE, STD
 from trainer.training import checkpoint
 
 FORMATS = ("onnx", "safetensors", "torchscript")
-SIDE = 32
 # How close the ONNX file's logits must be to PyTorch's (float32 on the CPU: rounding only).
 ONNX_TOLERANCE = 1e-3
 

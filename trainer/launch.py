@@ -310,10 +310,11 @@ class TrainJob(submitit.helpers.Checkpointable):
         # In the job's log: when it started and with which GPUs (under --local, the slot it was given).
         print(f"{datetime.now().isoformat(timespec='milliseconds')} job started on {socket.gethostname()}: "
               f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}", flush=True)
+        from trainer.distributed import export_submitit_env
         from trainer.training.run import train
         from trainer.training.stopping import Stopped
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        export_submitit_env()
         try:
             return train(self.config, self.overrides, self.run_dir)
         except Stopped as stop:

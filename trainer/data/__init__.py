@@ -22,6 +22,8 @@ def build_loaders(
 def build_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> BatchLoader | None:
     """The validation loader of the kind `cfg.loader` names (None when data.val_split is 0): the
     images build_loaders' training loader leaves out, with the test set's pipeline and sharding."""
+    if not cfg.val_split:
+        return None
     build = build_resident_val_loader if cfg.loader == "resident" else build_ffcv_val_loader
     return build(cfg, group, threads)
 

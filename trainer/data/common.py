@@ -15,6 +15,7 @@ import torch
 
 from trainer import UserError
 from trainer.config import DataConfig
+from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, NUM_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +104,15 @@ def train_val_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, 
     if cfg.train_subset:
         train = train[: cfg.train_subset]
     return train, val
+
+
+def held_out(cfg: DataConfig) -> tuple[Path, np.ndarray]:
+    """The data folder and the validation split's indices into its train.beton, for a validation
+    loader. The training loaders verified the folder already in this process (verify caches it)."""
+    data_dir = check_data_dir(cfg.dir)
+    verify(data_dir, warn=False)
+    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    return data_dir, val
 
 
 def split_record(labels: np.ndarray, cfg: DataConfig) -> dict | None:

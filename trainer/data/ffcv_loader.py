@@ -22,7 +22,8 @@ from trainer.config import DataConfig
 from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, per_process_batch, shard_indices,
+    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, held_out, per_process_batch,
+    shard_indices,
     train_val_indices,
 )
 from trainer.distributed import Dist
@@ -184,15 +185,11 @@ def build_ffcv_loaders(
     return FFCVLoader(train, threads, train_per_rank), FFCVLoader(test, threads, len(shard))
 
 
-def build_ffcv_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> FFCVLoader | None:
-    """The validation loader (None when data.val_split is 0): the held-out images of train.beton
-    through the test pipeline, sharded across ranks as the test set is, so each is counted once."""
-    if not cfg.val_split:
-        return None
-    data_dir = check_data_dir(cfg.dir)
-    verify(data_dir, warn=False)  # done already by build_ffcv_loaders in this process: cached
+def build_ffcv_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> FFCVLoader:
+    """The validation loader: the held-out images of train.beton through the test pipeline,
+    sharded across ranks as the test set is, so each is counted once."""
+    data_dir, val = held_out(cfg)
     threads = threads or default_threads()
-    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
     shard = val[shard_indices(len(val), group.rank, group.world_size).astype(np.int64)]
     batch = per_process_batch(cfg.batch_size, group.world_size)
     loader = _eval_loader(data_dir / "train.beton", shard, cfg, batch, group.device)

@@ -37,7 +37,8 @@ from trainer.config import DataConfig
 from trainer.data.cifar10 import MEAN, SIDE, STD
 from trainer.data.checks import check_beton, open_beton, verify
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, per_process_batch, shard_indices,
+    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, held_out, per_process_batch,
+    shard_indices,
     train_val_indices,
 )
 from trainer.distributed import Dist
@@ -285,15 +286,11 @@ def _load(path: Path, indices: np.ndarray, cfg: DataConfig, device: torch.device
     return pixel_table(images.to(device), DTYPES[cfg.dtype], pad), labels.to(device)
 
 
-def build_resident_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> ResidentLoader | None:
-    """The validation loader (None when data.val_split is 0): the held-out images of train.beton
-    in a table of their own, read as the test set is (in order, this rank's shard, no augmentation)."""
-    if not cfg.val_split:
-        return None
-    data_dir = check_data_dir(cfg.dir)
-    verify(data_dir, warn=False)  # done already by build_resident_loaders in this process: cached
+def build_resident_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> ResidentLoader:
+    """The validation loader: the held-out images of train.beton in a table of their own, read as
+    the test set is (in order, this rank's shard, no augmentation)."""
+    data_dir, val = held_out(cfg)
     threads = threads or default_threads()
-    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
     table, labels = _load(data_dir / "train.beton", val, cfg, group.device, threads, 0)
     shard = torch.from_numpy(shard_indices(len(val), group.rank, group.world_size).astype(np.int64))
     return ResidentLoader(table, labels, cfg, train=False, world=group.world_size, indices=shard, threads=threads)
