@@ -175,3 +175,70 @@ def test_amp_off_with_a_bf16_config_is_one_line_from_the_trainer(amp, tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     assert f"override 'train.amp={amp}'" in lines[0] and "data.dtype=float32" in lines[0]
     assert not run_dir.exists()
+
+
+def test_every_profile_resolves_with_every_config():
+    # What the launcher does for each job (config, its arch, the profile's overrides), for every
+    # profile and every shipped config: a key renamed in trainer/config.py or a profile/recipe
+    # combination the checks refuse (budget_s with patience, an on-device augmentation without the
+    # resident loader) fails here, not when a sweep is submitted.
+    from conftest import REPO
+    from trainer.launch import load_profiles
+
+    profiles = load_profiles()
+    assert {"full", "smoke", "budget", "budget-cpu"} <= set(profiles)
+    configs = {p: load_config(p).model.arch for p in sorted((REPO / "jobs/configs").glob("*.yaml")) if p.name != "base.yaml"}
+    assert len(configs) >= 10
+    for name, overrides in profiles.items():
+        for path, arch in configs.items():
+            try:
+                cfg = load_config(path, [f"model.arch={arch}", *overrides])
+            except ConfigError as e:
+                pytest.fail(f"profile {name} x {path.name}: {e}")
+            if name.startswith("budget"):
+                # a fitted schedule: no early stopping, no cut-off on top, eager (see profiles.yaml)
+                assert cfg.train.budget_s > 0 and cfg.train.patience == 0 and cfg.train.time_budget_s == 0
+                assert cfg.train.compile is False and cfg.data.loader == "resident", (name, path.name)
+
+
+def test_budget_profiles_fit_their_stated_totals():
+    # profiles.yaml states ~8 minutes for the seven on a GPU and ~10 on 2 CPU cores; the budgets
+    # alone (start-up and the report come on top) must leave room for that.
+    from trainer import models
+    from trainer.launch import load_profiles
+
+    seven = len(models.seed_names())
+    assert seven == 7
+    for name, total_s in (("budget", 8 * 60), ("budget-cpu", 10 * 60)):
+        budget = load_config(None, ["model.arch=resnet9", *load_profiles()[name]]).train.budget_s
+        assert 0.75 * total_s <= seven * budget <= 0.95 * total_s, (name, budget)
+
+
+def test_recipes_follow_the_issue_14_rules():
+    # The per-architecture recipe choices the configs' comments give reasons for.
+    from conftest import REPO
+    from trainer import models
+
+    def cfg(name):
+        return load_config(REPO / "jobs/configs" / name)
+
+    for arch in models.seed_names():
+        c = cfg(f"{arch}.yaml")
+        assert c.train.tta and c.train.epochs == 150 and c.train.patience == 20, arch  # the seed's budget kept
+        bn_lr = {"alexnet": 0.02, "efficientnet": 0.1}.get(arch, 0.2)
+        assert c.optim.lr == bn_lr, arch
+        assert c.data.cutout == (12 if arch in ("resnet", "vgg_bn") else 8), arch
+        assert c.model.output_stride == (8 if arch in ("mobilenet", "mobilenet_big", "efficientnet") else None), arch
+    assert cfg("efficientnet_b0.yaml").model.output_stride == 8 and cfg("efficientnet_b0.yaml").optim.lr == 0.1
+    speed = cfg("speed.yaml")
+    assert (speed.data.loader, speed.data.flip_mode, speed.data.translate, speed.data.translate_mode) == (
+        "resident", "alternate", 2, "reflect")
+    assert speed.model.whiten and speed.model.dirac_init and speed.model.bn_frozen_scale
+    assert (speed.model.activation, speed.model.bn_momentum, speed.model.bn_eps) == ("gelu", 0.4, 1e-12)
+    assert speed.optim.bias_lr_mult == 64 and speed.optim.label_smoothing == 0.2
+    assert speed.train.lookahead_every == 5 and speed.train.tta and speed.train.tta_translate == 1
+    assert speed.train.epochs <= 12 and speed.train.ema == 0
+    # airbench94's decoupled lr 11.5 / wd 0.0153 per 1024 at momentum 0.85, in torch's convention
+    lr_1024 = speed.optim.lr * speed.data.batch_size / 256
+    assert abs(lr_1024 - 11.5 / (1 + 1 / (1 - speed.optim.momentum))) < 0.01
+    assert abs(lr_1024 * speed.optim.weight_decay - 0.0153 / (1 + 1 / (1 - 0.85))) < 1e-5

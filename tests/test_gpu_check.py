@@ -122,43 +122,87 @@ def test_pack_cli_reads_the_batches_with_the_projects_reader(cifar_source, tmp_p
     assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_gpu_check_profile_resolves_for_every_seed_architecture(beton_dir):
+def test_budget_profile_resolves_as_run_sh_runs_it(beton_dir):
+    # run.sh's sweep: the budget profile, then its own overrides (W&B off: not installed there; the
+    # per-job budget it computes from the time left), for every seed architecture.
     from trainer import models
     from trainer.config import load_config
     from trainer.launch import config_path, load_profiles
 
-    overrides = load_profiles()["gpu_check"]
+    overrides = load_profiles()["budget"]
     for arch in models.seed_names():
-        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, f"data.dir={beton_dir}"])
-        assert cfg.logging.mode == "disabled" and cfg.train.patience == 0
-        assert 0 < cfg.train.time_budget_s and cfg.train.epochs <= 20 and cfg.train.compile is False
+        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, f"data.dir={beton_dir}",
+                                              "logging.mode=disabled", "train.budget_s=23"])
+        assert cfg.train.budget_s == 23 and cfg.train.patience == 0 and cfg.train.time_budget_s == 0
+        assert cfg.train.compile is False and cfg.data.loader == "resident" and cfg.logging.mode == "disabled"
 
 
-def test_summarize_records_the_code_stages_and_a_partial_bench(tmp_path):
+def _run_folder(folder: Path, arch: str, accs: list[float], summary: dict | None) -> None:
+    """A run folder as the trainer leaves it: config.yaml, one metrics line per epoch, summary.json at the end."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(f"model: {{arch: {arch}}}\ntrain: {{epochs: 150}}\n")
+    rows = [{"epoch": i + 1, "test_acc": a, "elapsed_s": 5.0 * (i + 1), "images_per_s": 1000.0 + i} for i, a in enumerate(accs)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_summarize_reports_each_part_and_what_did_not_finish(tmp_path):
+    """A run cut off in the sweep: two step-bench files (one finished, one started), two speed seeds,
+    a sweep with one finished job, one unfinished and one not started."""
     from trainer import provenance
 
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "step").mkdir(parents=True)
     stages = tmp_path / "stages.tsv"
-    stages.write_text("install\t0\t3\t\nbench\t124\t190\ttimed out after 190 s\n")
-    # What trainer.bench leaves when it is stopped after its first part.
-    (out / "bench.json").write_text(json.dumps({"mode": "full", "parts_done": ["loader"], "complete": False,
-                                                "loader_ratio_ffcv": 8.0, "loader_ratio_resident": 30.5}))
+    stages.write_text("install\t0\t3\t\nstep-alexnet\t0\t20\t\nstep-resnet\t124\t45\ttimed out after 45 s\nsweep\t124\t190\t"
+                      "timed out after 190 s\n")
+    row = {"eager_fp32": 5000.0, "amp": 9000.0, "compiled_amp": 12000.0, "step_ratio_amp": 1.8,
+           "step_ratio_compiled_amp": 2.4, "compile_s": 21.5, "mfu": 0.31}
+    header = {"device": "NVIDIA H100", "torch_version": "2.11", "step_settings": {"batch": 256, "steps": 10, "amp_dtype": "bfloat16"}}
+    (out / "step" / "alexnet.json").write_text(json.dumps({**header, "parts_done": ["step"], "complete": True,
+                                                           "step": {"alexnet": row}}))
+    (out / "step" / "resnet.json").write_text(json.dumps({**header, "parts_done": [], "complete": False}))  # cut off
+    done = {"test_acc": 93.5, "best_test_acc": 93.6, "best_epoch": 9, "epochs_run": 10, "params": 6.5e6, "wall_time_s": 20.0,
+            "budget": None}
+    _run_folder(out / "speed" / "s0", "resnet9", [80.0, 94.2, 93.5], {**done, "test_acc": 93.5})
+    _run_folder(out / "speed" / "s1", "resnet9", [81.0], None)
+    sweep = out / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"sweep": "gpu-check-x", "profile": "budget", "overrides": ["train.budget_s=23"],
+                                                  "archs": ["alexnet", "mobilenet", "vgg_bn"],
+                                                  "runs": [{"name": a, "arch": a} for a in ("alexnet", "mobilenet", "vgg_bn")]}))
+    budget = {"budget_s": 23.0, "used_s": 22.1, "within_budget": True, "fitted_epochs": 4.5}
+    _run_folder(sweep / "alexnet", "alexnet", [50.0, 61.25], {**done, "test_acc": 61.25, "best_test_acc": 61.25,
+                                                              "best_epoch": 2, "epochs_run": 2, "budget": budget})
+    _run_folder(sweep / "mobilenet", "mobilenet", [40.0], None)
     kit = tmp_path / "kit"
     (kit / "wheels").mkdir(parents=True)
     (kit / "wheels" / "x-1.0-py3-none-any.whl").write_bytes(b"wheel")
     r = subprocess.run([sys.executable, str(CHECK / "summarize.py"), str(out), "--command", "run.sh OUT", "--started", "now",
-                        "--exit-code", "1", "--stages", str(stages), "--kit", str(kit), "--sweep", str(tmp_path / "none")],
+                        "--exit-code", "1", "--stages", str(stages), "--kit", str(kit), "--sweep", str(sweep)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     p = json.loads((out / "provenance.json").read_text())
     assert p["code"]["git_sha"] == provenance.git_sha() and p["command"] == "run.sh OUT" and p["exit_code"] == 1
-    assert p["stages"][1] == {"stage": "bench", "exit_code": 124, "seconds": 190, "note": "timed out after 190 s"}
+    assert p["stages"][2] == {"stage": "step-resnet", "exit_code": 124, "seconds": 45, "note": "timed out after 45 s"}
     assert p["software"]["torch_probe"]["torch"] and list(p["wheels_sha256"]) == ["x-1.0-py3-none-any.whl"]
     summary = (out / "summary.md").read_text()
-    assert "stages that failed or timed out: bench" in summary and "(no sweep folder)" in summary
-    assert "incomplete: the bench stage ended with exit 124 timed out after 190 s" in summary
-    assert "parts loader" in summary and "loader_ratio_ffcv: 8.00x" in summary
+    assert "stages that failed or timed out: step-resnet, sweep" in summary
+    assert "| alexnet | 5,000 | 9,000 | 12,000 | 2.40x | 21.5 | 31% |" in summary
+    assert "Started but not finished (time limit or failure; see run.log): resnet" in summary
+    assert "| s0 | 93.50 | 10 | 20.0 | 10.0 (epoch 2) |" in summary and "| s1 | unfinished (1 epochs logged) |" in summary
+    assert "Mean final test accuracy over 1 finished run(s): 93.50%" in summary
+    assert "| alexnet | 61.25 | 61.25 | 2 | 2 / 150 | 23 / 22 | 4.5 |" in summary
+    assert "| mobilenet | 40.00 (unfinished) |" in summary
+    assert "Not finished: mobilenet (1 epochs logged, no summary.json); vgg_bn (not started)" in summary
+    # A snapshot between parts (no exit code yet) says the run is still going.
+    r = subprocess.run([sys.executable, str(CHECK / "summarize.py"), str(out), "--command", "run.sh OUT", "--started", "now",
+                        "--stages", str(stages), "--kit", str(kit), "--sweep", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = (out / "summary.md").read_text()
+    assert "run.sh still running" in summary and "(no sweep folder)" in summary
 
 
 def test_run_sh_without_a_kit_fails_early_and_still_writes_its_files(tmp_path):
@@ -192,23 +236,31 @@ def test_full_pack_is_bit_identical_to_the_shared_copy(real_cifar_source, tmp_pa
 @pytest.mark.skipif(not (REPO / ".kit/cifar10.pack").is_file() or not list((REPO / ".kit/wheels").glob("ffcv-*.whl")),
                     reason="needs the built .kit: run jobs/gpu_check/build.sh first")
 def test_run_sh_cpu_end_to_end(tmp_path):
-    """install, unpack + prepare, a smoke-sized bench, a two-network sweep, report, OUT's files."""
+    """install, unpack + prepare, the step bench, a speed run, a two-network budget sweep, report, OUT's files."""
     out = tmp_path / "out"
     env = {**os.environ, "KIT_WORK": str(tmp_path / "work"), "PYTHON": os.environ.get("KIT_TEST_PYTHON", sys.executable),
-           "KIT_BENCH_ARGS": "--smoke", "KIT_ARCHS": "alexnet,mobilenet"}
+           # the step bench on the smallest network: compiling each of the seven on 2 cores takes minutes
+           "KIT_BENCH_ARGS": "--smoke", "KIT_STEP_ARCHS": "resnet9_tiny", "KIT_ARCHS": "alexnet,mobilenet"}
     r = subprocess.run([str(CHECK / "run.sh"), "--cpu", str(out)], capture_output=True, text=True, timeout=1800, env=env)
     assert r.returncode == 0, r.stdout[-4000:]
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "provenance.json", "report.md", "run.log", "summary.md",
-                                                    "sweep.tar.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "report.md", "run.log", "speed", "step", "summary.md",
+                                                    "sweep", "sweep.tar.gz"]
     p = json.loads((out / "provenance.json").read_text())
-    assert [s["stage"] for s in p["stages"]] == ["install", "preflight", "unpack", "prepare", "bench", "sweep"]
+    assert [s["stage"] for s in p["stages"]] == ["install", "preflight", "unpack", "prepare", "step-resnet9_tiny", "speed-s0",
+                                                 "sweep"]
     assert all(s["exit_code"] == 0 for s in p["stages"])
     assert p["data"]["unpacked"]["exact"] and p["data"]["pack"]["fidelity"]["lossless"]
     assert p["software"]["packages"]["ffcv"] == "1.0.2" and p["code"]["git_sha"]
-    bench = json.loads((out / "bench.json").read_text())
-    assert bench["complete"] and bench["parts_done"] == ["loader", "step"]
+    bench = json.loads((out / "step" / "resnet9_tiny.json").read_text())
+    assert bench["complete"] and bench["parts_done"] == ["step"] and list(bench["step"]) == ["resnet9_tiny"]
+    for arch in ("alexnet", "mobilenet"):
+        # the sweep's jobs were fitted to the budget run.sh gave them, and their files were copied as they ended
+        s = json.loads((out / "sweep" / arch / "summary.json").read_text())
+        assert s["budget"]["budget_s"] == 8 and s["budget"]["fitted_steps"] > 0
+    assert json.loads((out / "speed" / "s0" / "summary.json").read_text())["epochs_run"] == 1
+    assert json.loads((out / "sweep" / "sweep.json").read_text())["profile"] == "budget"
     summary = (out / "summary.md").read_text()
     assert "| alexnet |" in summary and "| mobilenet |" in summary and "every stage exited 0" in summary and "run.sh exit code 0" in summary
-    assert "complete): parts loader, step" in summary
+    assert "| resnet9_tiny |" in summary and "| s0 |" in summary and "Not finished" not in summary and "Started but not finished" not in summary
     listing = subprocess.run(["tar", "tzf", str(out / "sweep.tar.gz")], capture_output=True, text=True).stdout
     assert "alexnet/summary.json" in listing and "mobilenet/metrics.jsonl" in listing and ".pt" not in listing

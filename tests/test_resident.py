@@ -253,7 +253,7 @@ def test_speed_profile_runs_one_epoch_on_a_subset(beton_dir, tmp_path):
     from trainer.config import load_config
 
     cfg = load_config(SPEED)
-    assert cfg.model.arch == "resnet9" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.ema
+    assert cfg.model.arch == "resnet9" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.lookahead_every
     run_dir = tmp_path / "speed"
     r = _trainer("--config", str(SPEED), "--run-dir", str(run_dir), f"data.dir={beton_dir}", "data.train_subset=128",
                  "data.test_subset=128", "data.batch_size=64", "train.epochs=1", "logging.mode=disabled",

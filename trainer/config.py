@@ -61,23 +61,59 @@ class DataConfig:
     # before train_subset, which then takes the first images of the rest; 0 = off (select on test).
     val_split: int = 0
     val_seed: int = 0  # which images are held out; the same on every rank and every resume
+    # The on-device augmentations below exist in the resident loader only (batch-wise seeded torch
+    # ops; ffcv's pipeline has none of them).
+    # random: each image mirrored with probability 1/2 every epoch. alternate (airbench): a seeded
+    # random half in the first epoch, then every image mirrored in alternate epochs, so any two
+    # consecutive epochs show each image both ways.
+    flip_mode: Literal["random", "alternate"] = "random"
+    # What a translation shifts in: fill (the mean colour, as ffcv's RandomTranslate) or reflect
+    # (the image mirrored at its border, as torch's reflect padding).
+    translate_mode: Literal["fill", "reflect"] = "fill"
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup (Zhang et al. 2018): images and labels mixed in pairs; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix (Yun et al. 2019): a box pasted from the partner image; 0 = off
+    mix_prob: float = 1.0  # the probability a batch is mixed at all; with both on, each mixed batch picks one of them
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "num_workers")
-        _non_negative(self, "translate", "cutout", "train_subset", "test_subset", "val_split", "val_seed")
+        _non_negative(self, "translate", "cutout", "train_subset", "test_subset", "val_split", "val_seed",
+                      "mixup", "cutmix")
         if self.val_split % 10:
             raise ValueError(f"val_split: must be a multiple of 10 (N/10 images of each class), got {self.val_split}")
+        if not 0 <= self.mix_prob <= 1:
+            raise ValueError(f"mix_prob: must be in [0, 1], got {self.mix_prob}")
+        if self.loader != "resident":
+            on_device = {"flip_mode": self.flip_mode != "random", "translate_mode": self.translate_mode != "fill",
+                         "mixup": self.mixup > 0, "cutmix": self.cutmix > 0}
+            for name, used in on_device.items():
+                if used:
+                    raise ValueError(f"{name}: an on-device augmentation, needs data.loader=resident")
 
 
 @dataclass
 class ModelConfig:
     arch: str = REQUIRED  # a name from the registry: python -m trainer.models lists them
+    # Options of the architecture (null/false = as the architecture is defined); an architecture that
+    # lacks one refuses it by name (trainer/models/options.py says which has what).
+    output_stride: int | None = None  # MobileNets/EfficientNet: 16 (2x2 final maps) or 8 (one stride-2 stage at stride 1)
+    whiten: bool = False  # ResNet-9s: a frozen 2x2 patch-whitening first layer (airbench), fitted to the training images
+    activation: Literal["relu", "gelu"] = "relu"  # gelu: every ReLU replaced by a GELU (airbench)
+    bn_momentum: float | None = None  # BatchNorm running-statistics momentum (torch's convention; null: 0.1)
+    bn_eps: float | None = None  # BatchNorm epsilon (null: 1e-5)
+    bn_frozen_scale: bool = False  # BatchNorm scales fixed at 1, only the biases learn (airbench)
+    dirac_init: bool = False  # 3x3 convolutions (all but the first) start as identity maps plus their usual init (airbench)
 
     def __post_init__(self) -> None:
         from trainer import models  # late: the registry imports torchvision
 
         if self.arch not in models.names():
             raise ValueError(f"arch: unknown architecture '{self.arch}'; valid: {', '.join(models.names())}")
+        if self.output_stride not in (None, 8, 16):
+            raise ValueError(f"output_stride: must be 8 or 16, got {self.output_stride}")
+        if self.bn_momentum is not None and not 0 <= self.bn_momentum <= 1:
+            raise ValueError(f"bn_momentum: must be in [0, 1], got {self.bn_momentum}")
+        if self.bn_eps is not None and self.bn_eps <= 0:
+            raise ValueError(f"bn_eps: must be positive, got {self.bn_eps}")
 
 
 @dataclass
@@ -91,9 +127,12 @@ class OptimConfig:
     # warmup the learning rate draws a triangle, as in Page's and airbench's schedules).
     schedule: Literal["triangle", "cosine"] = "cosine"
     warmup_epochs: float = 2.0  # linear warmup from zero, per iteration
+    # Learning-rate multiplier of the biases (BatchNorm's included; they have no weight decay):
+    # airbench trains them 64x faster than the weights.
+    bias_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self, "lr")
+        _positive(self, "lr", "bias_lr_mult")
         _non_negative(self, "momentum", "weight_decay", "label_smoothing", "warmup_epochs")
         if self.label_smoothing >= 1:
             raise ValueError("label_smoothing: must be below 1")
@@ -111,6 +150,18 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile; null = on for CUDA, off on the CPU
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
     tta: bool = False  # average predictions over the image and its mirror at test time
+    # With tta: also the mirror pair shifted by this many pixels up-left and down-right (reflect
+    # padding), weighted 1/4 each against 1/2 for the unshifted pair: 6 views (airbench's level 2). 0 = 2 views.
+    tta_translate: int = 0
+    # Lookahead-style weight averaging (airbench): every `lookahead_every` steps a slow copy of the
+    # weights moves towards the trained ones and the network is reset to it; the slow copy's decay
+    # rises as lookahead_decay x (step / total steps)^3, and the run ends on the slow weights. 0 = off.
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.95**5
+    # Fit the schedule to this much wall time (s; 0 = off): throughput is measured over the first
+    # steps, then the total steps are set so that warmup, decay, evaluations and checkpoints end inside
+    # it; train.epochs is then only an upper bound. The plan is checkpointed and the same on every rank.
+    budget_s: float = 0.0
     threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
     time_budget_s: float = 0.0  # stop after the epoch that passes this much training time (0 = no limit); the run still ends with its summary
     # Seconds between the ranks' checks for SIGTERM/SIGUSR2 inside an epoch: a stop waits about this
@@ -123,9 +174,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "stop_check_s", "dist_timeout_s")
-        _non_negative(self, "patience", "threads", "time_budget_s")
+        _non_negative(self, "patience", "threads", "time_budget_s", "tta_translate", "lookahead_every", "budget_s")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
+        if not 0 <= self.lookahead_decay < 1:
+            raise ValueError(f"lookahead_decay: must be in [0, 1), got {self.lookahead_decay}")
+        if self.tta_translate >= 16:
+            raise ValueError(f"tta_translate: a shift of a few pixels (airbench: 1), got {self.tta_translate}")
+        if self.tta_translate and not self.tta:
+            raise ValueError("tta_translate: the shifted views are mirror pairs; set train.tta=true too")
+        if self.budget_s and self.patience:
+            raise ValueError("patience: must be 0 with train.budget_s (the schedule is fitted to end at the budget)")
+        if self.budget_s and self.time_budget_s:
+            raise ValueError("time_budget_s: a cut-off; give either it or train.budget_s, not both")
 
 
 @dataclass

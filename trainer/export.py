@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainer import UserError, cli, models, provenance, run_files
+from trainer import UserError, cli, provenance, run_files
 from trainer.data.cifar10 import MEAN, SIDE, STD
+from trainer.models import options as model_options
 from trainer.training import checkpoint
 
 FORMATS = ("onnx", "safetensors", "torchscript")
@@ -58,7 +59,7 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
         raise UserError(f"{path}: no such file; export needs a run that finished at least one epoch")
     try:
         state = checkpoint.load(path)
-        net = models.build(state["arch"])
+        net = model_options.build_saved(state)  # with the run's model options
         net.load_state_dict(state["model"])
     except Exception as e:  # not a checkpoint, another layout, or not weights only
         raise UserError(f"{path}: unusable ({checkpoint.describe_load_error(e)})") from None

@@ -1,13 +1,16 @@
 """The GPU check's record of a run: provenance.json (what code, data, software and device it used)
-and summary.md (stages, the sweep's results, the bench, provenance in brief), both in OUT.
+and summary.md (stages, the step bench, the speed runs, the sweep's results, provenance in brief),
+both in OUT.
 
-    python jobs/gpu_check/summarize.py OUT --command CMD --started T --exit-code N --stages TSV \
+    python jobs/gpu_check/summarize.py OUT --command CMD --started T [--exit-code N] --stages TSV \
         [--kit .kit] [--unpack-record F] [--data-dir D] [--sweep SWEEP_DIR]
 
-It runs last in run.sh, after whatever failed, so it tolerates anything missing and says what is
-there and what is not. It needs the standard library and this repository on the path; torch is
-asked in a child process, so a broken install is reported, not fatal. OUT/bench.json and
-OUT/report.md are read where the run left them.
+run.sh calls it after each part (without --exit-code: the run is still going) and last, after
+whatever failed, so it tolerates anything missing and says what is there and what is not. It needs
+the standard library and this repository on the path; torch is asked in a child process, so a
+broken install is reported, not fatal. The parts are read where run.sh leaves them: OUT/step/ARCH.json
+(trainer.bench), OUT/speed/sN/ and the sweep folder (run folders: summary.json, metrics.jsonl,
+config.yaml), OUT/report.md.
 """
 
 from __future__ import annotations
@@ -132,14 +135,24 @@ def stage_table(p: dict | None) -> list[str]:
     return lines
 
 
+def _budget_cells(s: dict) -> str:
+    b = s.get("budget")
+    if not b:
+        return "- | -"
+    return f"{b['budget_s']:g} / {b['used_s']:.0f}{'' if b.get('within_budget') else ' (over)'} | {b['fitted_epochs']:.1f}"
+
+
 def sweep_table(sweep: Path | None) -> list[str]:
     if not sweep or not sweep.is_dir():
         return ["(no sweep folder)"]
     record = _load(sweep / "sweep.json") or {}
-    archs = record.get("archs") or sorted(p.name for p in sweep.iterdir() if (p / CONFIG).exists())
-    lines = [f"Sweep `{sweep.name}`, profile `{record.get('profile')}`, overrides: `{' '.join(record.get('overrides', []))}`", "",
-             "| arch | best test acc % | final test acc % | best epoch | epochs run / set | stopped early | params M | training s | img/s, last epoch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    archs = [r.get("name", r.get("arch")) for r in record.get("runs", [])] or record.get("archs") or []
+    archs = list(dict.fromkeys([*archs, *sorted(p.name for p in sweep.iterdir() if (p / CONFIG).exists())]))
+    lines = [f"Sweep `{record.get('sweep', sweep.name)}`, profile `{record.get('profile')}`, overrides: "
+             f"`{' '.join(record.get('overrides', []))}`", "",
+             "| arch | final test acc % | best test acc % | best epoch | epochs run / set | budget s / used s | fitted epochs "
+             "| params M | training s | img/s, last epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     missing = []
     results = []
     for arch in archs:
@@ -149,19 +162,69 @@ def sweep_table(sweep: Path | None) -> list[str]:
         epochs = _epochs_set(run)
         ips = f"{m[-1]['images_per_s']:,.0f}" if m else "-"
         if s is None:
-            best = f"{max(r['test_acc'] for r in m):.2f} (unfinished)" if m else "-"
-            missing.append(f"{arch} ({len(m)} epochs logged, no {SUMMARY})")
-            results.append((-1, f"| {arch} | {best} | - | - | {len(m)} / {epochs} | - | - | - | {ips} |"))
+            last = f"{m[-1]['test_acc']:.2f} (unfinished)" if m else "-"
+            missing.append(f"{arch} ({len(m)} epochs logged, no {SUMMARY})" if run.is_dir() else f"{arch} (not started)")
+            results.append((-1, f"| {arch} | {last} | - | - | {len(m)} / {epochs} | - | - | - | - | {ips} |"))
             continue
-        results.append((s["best_test_acc"], f"| {arch} | {s['best_test_acc']:.2f} | {s['test_acc']:.2f} | {s['best_epoch']} | "
-                                            f"{s['epochs_run']} / {epochs} | {'yes' if s.get('stopped_early') else 'no'} | "
-                                            f"{s['params'] / 1e6:.1f} | {s['wall_time_s']:.0f} | {ips} |"))
+        results.append((s["test_acc"], f"| {arch} | {s['test_acc']:.2f} | {s['best_test_acc']:.2f} | {s['best_epoch']} | "
+                                       f"{s['epochs_run']} / {epochs} | {_budget_cells(s)} | "
+                                       f"{s['params'] / 1e6:.1f} | {s['wall_time_s']:.0f} | {ips} |"))
     lines += [row for _, row in sorted(results, key=lambda t: -t[0])]
     if missing:
         lines += ["", "Not finished: " + "; ".join(missing)]
-    lines += ["", "All jobs ran at the same time on one device, so images/s are shares of it, not each network's speed "
-                  "(bench.json has those); accuracies are of the short schedule above, cut by the time budget where "
-                  "'stopped early' says yes — not comparable with the seed's 150-epoch table."]
+    lines += ["", "Each job had the device to itself (one after another), each fitted its schedule to its "
+                  "train.budget_s: the final test accuracy is the run's result (no selection on the test set); the "
+                  "best is over the epochs evaluated. A budget of seconds, not the seed's 150 epochs: not comparable "
+                  "with the seed's table."]
+    return lines
+
+
+def step_table(folder: Path) -> list[str]:
+    """OUT/step/ARCH.json, one trainer.bench step part per architecture."""
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not files:
+        return ["(no step bench results)"]
+    first = _load(files[0]) or {}
+    settings = first.get("step_settings") or {}
+    lines = [f"trainer.bench --parts step on {first.get('device')}, torch {first.get('torch_version')}: training images/s at "
+             f"batch {settings.get('batch')}, the median of {settings.get('steps')} steps; AMP = {settings.get('amp_dtype')} "
+             "autocast; ratios to eager fp32", "",
+             "| arch | eager fp32 | AMP | compiled AMP | compiled x | compile s | MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    unfinished = []
+    for path in files:
+        data = _load(path) or {}
+        rows = data.get("step") or {}
+        if "step" not in (data.get("parts_done") or []) or not rows:
+            unfinished.append(path.stem)
+            continue
+        for arch, x in rows.items():
+            mfu = f"{100 * x['mfu']:.0f}%" if x.get("mfu") is not None else "-"
+            lines.append(f"| {arch} | {x['eager_fp32']:,.0f} | {x['amp']:,.0f} | {x['compiled_amp']:,.0f} | "
+                         f"{x['step_ratio_compiled_amp']:.2f}x | {x['compile_s']:.1f} | {mfu} |")
+    if unfinished:
+        lines += ["", "Started but not finished (time limit or failure; see run.log): " + ", ".join(unfinished)]
+    return lines
+
+
+def speed_table(folder: Path, target: float = 94.0) -> list[str]:
+    """OUT/speed/sN/: the speed profile's runs, one per seed."""
+    runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.is_dir() else []
+    if not runs:
+        return ["(no speed runs)"]
+    lines = [f"jobs/configs/speed.yaml, one run per seed; time to {target}% counts training, evaluation and compiling", "",
+             "| seed | final test acc % | epochs | training s | time to target s |", "| --- | --- | --- | --- | --- |"]
+    finals = []
+    for run in runs:
+        s, m = _load(run / SUMMARY), _metrics(run)
+        hit = next((r for r in m if r["test_acc"] >= target), None)
+        to_target = f"{hit['elapsed_s']:.1f} (epoch {hit['epoch']})" if hit else "not reached"
+        if s is None:
+            lines.append(f"| {run.name} | unfinished ({len(m)} epochs logged) | {len(m)} | - | {to_target} |")
+            continue
+        finals.append(s["test_acc"])
+        lines.append(f"| {run.name} | {s['test_acc']:.2f} | {s['epochs_run']} | {s['wall_time_s']:.1f} | {to_target} |")
+    if finals:
+        lines += ["", f"Mean final test accuracy over {len(finals)} finished run(s): {sum(finals) / len(finals):.2f}%"]
     return lines
 
 
@@ -215,33 +278,15 @@ def record(args: argparse.Namespace) -> dict:
     }
 
 
-def bench_lines(bench: dict | None, stages: list[dict]) -> list[str]:
-    if bench is None:
-        return ["bench.json: missing (see run.log)"]
-    stage = next((s for s in stages if s["stage"] == "bench"), {})
-    state = "complete" if bench.get("complete") else (
-        f"incomplete: the bench stage ended with exit {stage.get('exit_code')} {stage.get('note', '')}".rstrip()
-        + "; the parts listed are the ones that finished")
-    lines = [f"bench.json ({bench.get('mode', '?')} mode, {state}): parts {', '.join(bench.get('parts_done') or []) or 'none'}"]
-    for key in ("loader_ratio_ffcv", "loader_ratio_resident"):
-        if key in bench:
-            lines.append(f"- {key}: {bench[key]:.2f}x")
-    acc = bench.get("time_to_accuracy") or {}
-    if acc.get("runs"):
-        mean = acc.get("mean_time_to_target_s")
-        lines.append(f"- time to {acc.get('target_acc')}% ({acc.get('config')}): "
-                     + (f"{mean:.1f} s" if mean is not None else "not reached") + f", final accuracy {acc.get('mean_final_test_acc'):.2f}%")
-    return lines
-
-
 def summary(p: dict, args: argparse.Namespace, out: Path) -> str:
     failed = [s["stage"] for s in p["stages"] if s["exit_code"] != 0]
     code_ = p.get("exit_code")
-    verdict = (f"run.sh exit code {code_}; " if code_ is not None else "") + (
+    verdict = (f"run.sh exit code {code_}; " if code_ is not None else "run.sh still running (a snapshot after a part); ") + (
         "every stage exited 0" if p["stages"] and not failed else f"stages that failed or timed out: {', '.join(failed) or 'none recorded'}")
     report = out / "report.md"
     text = ["# GPU check", "", verdict, "", "## Provenance", "", *provenance_lines(p), "", "## Stages", "", *stage_table(p),
-            "", "## Sweep", "", *sweep_table(args.sweep), "", "## Bench", "", *bench_lines(_load(out / "bench.json"), p["stages"]),
+            "", "## Step bench", "", *step_table(out / "step"), "", "## Speed profile", "", *speed_table(out / "speed"),
+            "", "## Budget sweep", "", *sweep_table(args.sweep),
             "", "## Report", "", "report.md: the sweep's report (jobs/report.py)" if report.is_file() else "report.md: none was written", ""]
     return "\n".join(text)
 

@@ -20,10 +20,21 @@ augmentation on. Under DDP every rank computes the same permutation and takes it
 (drop_last, as the FFCV train loader: equal steps on every rank). The test split is read in order,
 sharded with common.shard_indices, and never augmented; so are the validation images (data.val_split),
 held out of train.beton into a table of their own.
+
+The augmentations ffcv lacks live here alone (the config refuses them with the FFCV loader):
+alternating flips (data.flip_mode=alternate: airbench's, each image's first flip a seeded bit of
+its own, then mirrored in every other epoch), reflect translation (data.translate_mode=reflect: the
+shift indices mirrored at the border, so that table needs no padding) and mixup/cutmix. Cutmix is a
+change of pixel indices too (the partner's indices pasted into a box); mixup blends the gathered
+values. Mixing makes the labels float32 class probabilities, for every training batch of such a
+run (mixed or not), so the compiled step sees one label type. Its per-batch numbers (whether to mix,
+which op, lambda, partner shift, box) come from a CPU generator seeded per (seed, epoch, rank,
+step): plain Python numbers that reach the device as kernel arguments, never a host sync.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trainer import UserError
 from trainer.config import DataConfig
-from trainer.data.cifar10 import MEAN, SIDE, STD
+from trainer.data.cifar10 import MEAN, NUM_CLASSES, SIDE, STD
 from trainer.data.checks import check_beton, open_beton, verify
 from trainer.data.common import (
     DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, held_out, per_process_batch,
@@ -43,7 +55,7 @@ from trainer.data.common import (
 )
 from trainer.distributed import Dist
 
-_ORDER, _AUGMENT = 0, 1  # the purposes random streams are derived for (see _seed)
+_ORDER, _AUGMENT, _FLIP, _MIX = 0, 1, 2, 3  # the purposes random streams are derived for (see _seed)
 
 
 def _seed(*keys: int) -> int:
@@ -108,26 +120,28 @@ class PixelTable:
         return self.pixels.index_select(0, index.view(-1)).view(*index.shape, 3)
 
 
+def normalise(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 pixels (channels last) -> normalised exactly as the FFCV pipeline does it: to float32,
+    subtract 255 x mean, divide by 255 x std, cast to `dtype`."""
+    mean = torch.tensor([255 * m for m in MEAN], dtype=torch.float32, device=x.device)
+    std = torch.tensor([255 * s for s in STD], dtype=torch.float32, device=x.device)
+    return x.to(torch.float32).sub_(mean).div_(std).to(dtype)
+
+
 def pixel_table(images: torch.Tensor, dtype: torch.dtype, pad: int = 0, chunk: int = 5000) -> PixelTable:
-    """(N, 32, 32, 3) uint8 -> a PixelTable in `dtype`, every value normalised exactly as the FFCV
-    pipeline does it: to float32, subtract 255 x mean, divide by 255 x std, cast. The fill is the
-    mean pixel of the uint8 images (ffcv's fill for translate and cutout) normalised the same way."""
+    """(N, 32, 32, 3) uint8 -> a PixelTable in `dtype`, every value normalised as the FFCV pipeline
+    does it (normalise). The fill is the mean pixel of the uint8 images (ffcv's fill for translate
+    and cutout) normalised the same way."""
     device = images.device
-    mean = torch.tensor([255 * m for m in MEAN], dtype=torch.float32, device=device)
-    std = torch.tensor([255 * s for s in STD], dtype=torch.float32, device=device)
-
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.float32).sub_(mean).div_(std).to(dtype)
-
     n, width = images.shape[0], SIDE + 2 * pad
-    fill = normalise(torch.tensor(MEAN_PIXEL, dtype=torch.uint8, device=device))
+    fill = normalise(torch.tensor(MEAN_PIXEL, dtype=torch.uint8, device=device), dtype)
     table = torch.empty(n * SIDE + 1, width, 3, dtype=dtype, device=device)
     table[:, :pad] = fill
     table[:, pad + SIDE :] = fill
     table[-1] = fill
     for start in range(0, n, chunk):
         part = images[start : start + chunk]
-        table[start * SIDE : (start + part.shape[0]) * SIDE, pad : pad + SIDE] = normalise(part).flatten(0, 1)
+        table[start * SIDE : (start + part.shape[0]) * SIDE, pad : pad + SIDE] = normalise(part, dtype).flatten(0, 1)
     return PixelTable(table.view(-1, 3), n, pad)
 
 
@@ -149,30 +163,40 @@ def pixel_indices(
     flip: float = 0.0,
     translate: int = 0,
     cutout: int = 0,
+    *,
+    mirror: torch.Tensor | None = None,
+    reflect: bool = False,
 ) -> torch.Tensor:
     """(B, 32, 32) indices of the table's pixels that make up the batch of `images` (image
     numbers), augmented. Random numbers are drawn on the images' device in a fixed order: flip,
     vertical shift, horizontal shift, cutout row, cutout column.
 
-    flip: probability of mirroring an image left-right. translate (at most the table's pad): shift
-    by up to this many pixels in each direction, uniformly, showing the fill colour where the image
-    moved away (as ffcv's RandomTranslate: pad, then crop at a random offset). cutout: side of a
-    square of fill colour, placed uniformly inside the image (as ffcv's Cutout).
+    flip: probability of mirroring an image left-right; mirror: (B,) bools that say which images to
+    mirror instead (no flip drawn). translate: shift by up to this many pixels in each direction,
+    uniformly, showing the fill colour where the image moved away (as ffcv's RandomTranslate: pad,
+    then crop at a random offset; at most the table's pad), or with reflect the image mirrored at
+    its border (as torch's reflect padding; at most 31). cutout: side of a square of fill colour,
+    placed uniformly inside the image (as ffcv's Cutout).
     """
-    if translate > table.pad:
+    if reflect and translate >= SIDE:
+        raise ValueError(f"translate={translate}: reflect padding shifts by at most {SIDE - 1} pixels")
+    if not reflect and translate > table.pad:
         raise ValueError(f"translate={translate} needs a table padded by at least that much (pad={table.pad})")
     b, device = images.shape[0], images.device
     kw = {"generator": generator, "device": device}
     pos = torch.arange(SIDE, device=device)
     rows = pos.expand(b, SIDE)
     cols = pos.expand(b, SIDE)
-    if flip:
-        mirrored = torch.rand(b, **kw) < flip
-        cols = torch.where(mirrored[:, None], SIDE - 1 - pos, pos)
+    if mirror is None and flip:
+        mirror = torch.rand(b, **kw) < flip
+    if mirror is not None:
+        cols = torch.where(mirror[:, None], SIDE - 1 - pos, pos)
     if translate:
         # Output pixel (i, j) shows source pixel (i + dy, j + dx).
         rows = rows + torch.randint(-translate, translate + 1, (b, 1), **kw)
         cols = cols + torch.randint(-translate, translate + 1, (b, 1), **kw)
+        if reflect:  # as torch's reflect padding: -1 shows 1 and 32 shows 30 (the border is not repeated)
+            rows, cols = (torch.where(v > SIDE - 1, 2 * (SIDE - 1) - v, v.abs()) for v in (rows, cols))
     # Rows outside the image read the all-fill row; columns outside it land in the row's padding.
     rows = torch.where((rows >= 0) & (rows < SIDE), images[:, None] * SIDE + rows, table.fill_row)
     index = (rows * table.width)[:, :, None] + (cols + table.pad)[:, None, :]
@@ -186,12 +210,65 @@ def pixel_indices(
     return index
 
 
+@dataclass(frozen=True)
+class MixPlan:
+    """How one training batch is mixed: image i with its partner, image (i - shift) mod B (what
+    torch.roll(x, shift, 0) puts at i). The batch is in a random order already, so a random roll
+    is a random pairing, and one that never pairs an image with itself (for B > 1)."""
+
+    lam: float  # the share of its own image (and label) each image keeps; cutmix: the exact kept area
+    shift: int
+    box: tuple[int, int, int, int] | None  # cutmix: (top, bottom, left, right) pasted from the partner; None = mixup
+
+
+def draw_mix_plan(rng: np.random.Generator, batch: int, mixup: float, cutmix: float, mix_prob: float) -> MixPlan | None:
+    """The batch's plan (None: not mixed) from its own generator: mixed with probability mix_prob;
+    with both ops on, cutmix or mixup with probability 1/2 each; lam ~ Beta(alpha, alpha), one per
+    batch (as timm). Cutmix's box covers about (1 - lam) of the image, centred uniformly and cut
+    at the border (as timm's rand_bbox); lam is then the area actually kept."""
+    if not (mixup or cutmix) or rng.random() >= mix_prob:
+        return None
+    use_cutmix = bool(cutmix) and (not mixup or rng.random() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    shift = int(rng.integers(1, batch)) if batch > 1 else 0
+    if not use_cutmix:
+        return MixPlan(lam, shift, None)
+    side = int(SIDE * math.sqrt(1 - lam))
+    cy, cx = (int(c) for c in rng.integers(0, SIDE, 2))
+    top, bottom = max(cy - side // 2, 0), min(cy + side - side // 2, SIDE)
+    left, right = max(cx - side // 2, 0), min(cx + side - side // 2, SIDE)
+    kept = 1 - (bottom - top) * (right - left) / SIDE**2
+    return MixPlan(kept, shift, (top, bottom, left, right))
+
+
+def paste_box(index: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    """Cutmix on pixel indices: each image's box shows its partner's (augmented) pixels there."""
+    top, bottom, left, right = plan.box
+    index[:, top:bottom, left:right] = index[:, top:bottom, left:right].roll(plan.shift, 0)
+    return index
+
+
+def mix(x: torch.Tensor, labels: torch.Tensor, plan: MixPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (mixup blends them, computed in float32 then cast back; cutmix has pasted its box
+    already) and float32 (B, 10) target probabilities lam x onehot(y) + (1 - lam) x
+    onehot(y_partner); an unmixed batch (None) gets its one-hot labels, of the same type."""
+    onehot = F.one_hot(labels, NUM_CLASSES).to(torch.float32)
+    if plan is None:
+        return x, onehot
+    if plan.box is None:
+        x = (x.to(torch.float32) * plan.lam + x.roll(plan.shift, 0).to(torch.float32) * (1 - plan.lam)).to(x.dtype)
+    return x, onehot * plan.lam + onehot.roll(plan.shift, 0) * (1 - plan.lam)
+
+
 class ResidentLoader:
     """Batches of (images, labels) gathered from a PixelTable on the device (a BatchLoader, as
     the FFCVLoader).
 
     train=True: a seeded permutation per epoch, this rank's slice of it, whole batches only,
-    augmented as configured. train=False: `indices` in order, the last batch may be short.
+    augmented as configured; with mixup or cutmix configured the labels are float32 (B, 10) class
+    probabilities, else int64. train=False: `indices` in order, the last batch may be short, never
+    augmented nor mixed, int64 labels.
     """
 
     def __init__(
@@ -212,10 +289,22 @@ class ResidentLoader:
         self.train, self.seed, self.rank, self.world = train, seed, rank, world
         self.flip = 0.5 if train and cfg.flip else 0.0
         self.translate = cfg.translate if train else 0
+        self.reflect = cfg.translate_mode == "reflect"
+        if self.reflect and self.translate >= SIDE:
+            raise UserError(f"data.translate={cfg.translate}: reflect padding (data.translate_mode=reflect) shifts by "
+                            f"at most {SIDE - 1} pixels")
         self.cutout = cfg.cutout if train else 0
+        self.mixup, self.cutmix = (cfg.mixup, cfg.cutmix) if train else (0.0, 0.0)
+        self.mix_prob = cfg.mix_prob
         self.channels_last = cfg.channels_last
         self.threads = threads
         self.n = labels.shape[0]
+        # Alternating flips: image i's first-epoch flip is bit i of one stream of (seed), the same
+        # on every rank and whatever batch the image falls in; epoch e flips it iff bit xor (e odd).
+        self.first_flips = None
+        if self.flip and cfg.flip_mode == "alternate":
+            bits = torch.rand(self.n, generator=torch.Generator().manual_seed(_seed(seed, _FLIP))) < 0.5
+            self.first_flips = bits.to(labels.device)
         self.next_epoch = 0  # the epoch the next iteration plays; advanced by each iteration
         if train:
             self.num_samples = self.n // world // self.batch_size * self.batch_size  # images per epoch, this rank
@@ -243,17 +332,34 @@ class ResidentLoader:
             order = epoch_order(self.n, self.batch_size, self.seed, epoch, self.rank, self.world).to(device)
         else:
             order = self.indices.to(device)
-        augment = self.flip or self.translate or self.cutout
+        augment = (self.flip and self.first_flips is None) or self.translate or self.cutout
+        mixing = bool(self.mixup or self.cutmix)
         for step in range(len(self)):
             images = order[step * self.batch_size : (step + 1) * self.batch_size]
             generator = None
             if augment:  # one stream per batch: a resumed epoch draws what the original drew
                 generator = torch.Generator(device=device).manual_seed(_seed(self.seed, _AUGMENT, epoch, self.rank, step))
-            index = pixel_indices(self.table, images, generator, self.flip, self.translate, self.cutout)
-            x = self.table.gather(index).permute(0, 3, 1, 2)  # NCHW, channels_last in memory
+            mirror = None
+            if self.first_flips is not None:
+                mirror = self.first_flips.index_select(0, images) ^ bool(epoch % 2)
+            index = pixel_indices(self.table, images, generator, self.flip, self.translate, self.cutout,
+                                  mirror=mirror, reflect=self.reflect)
+            plan = self.mix_plan(epoch, step) if mixing else None
+            if plan is not None and plan.box is not None:
+                index = paste_box(index, plan)
+            x, y = self.table.gather(index), self.labels.index_select(0, images)
+            if mixing:
+                x, y = mix(x, y, plan)
+            x = x.permute(0, 3, 1, 2)  # NCHW, channels_last in memory
             if not self.channels_last:
                 x = x.contiguous()
-            yield x, self.labels.index_select(0, images)
+            yield x, y
+
+    def mix_plan(self, epoch: int, step: int) -> MixPlan | None:
+        """How batch `step` of `epoch` is mixed (None: not), from a CPU generator of its own (seed,
+        epoch, rank, step): numbers the host holds, so using them costs no device sync."""
+        rng = np.random.default_rng(_seed(self.seed, _MIX, epoch, self.rank, step))
+        return draw_mix_plan(rng, self.batch_size, self.mixup, self.cutmix, self.mix_prob)
 
 
 def build_resident_loaders(
@@ -269,7 +375,8 @@ def build_resident_loaders(
     # Training reads train.beton without the validation split's images (common.train_val_indices).
     train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
     check_batch_size(cfg.batch_size, world, len(train_indices))
-    train_table, train_labels = _load(data_dir / "train.beton", train_indices, cfg, device, threads, cfg.translate)
+    pad = cfg.translate if cfg.translate_mode == "fill" else 0  # reflect reads inside the image only
+    train_table, train_labels = _load(data_dir / "train.beton", train_indices, cfg, device, threads, pad)
     n_test = found["test_images"]
     test_indices = np.arange(min(n_test, cfg.test_subset) if cfg.test_subset else n_test)
     test_table, test_labels = _load(data_dir / "test.beton", test_indices, cfg, device, threads, 0)
@@ -294,3 +401,20 @@ def build_resident_val_loader(cfg: DataConfig, group: Dist, threads: int | None 
     table, labels = _load(data_dir / "train.beton", val, cfg, group.device, threads, 0)
     shard = torch.from_numpy(shard_indices(len(val), group.rank, group.world_size).astype(np.int64))
     return ResidentLoader(table, labels, cfg, train=False, world=group.world_size, indices=shard, threads=threads)
+
+
+def normalised_images(cfg: DataConfig, n: int, device: torch.device | str) -> torch.Tensor:
+    """(N, 3, 32, 32) float32: the first n images (all, if fewer) the training loader trains on
+    (train.beton without the validation split, cut to data.train_subset), in file order, with the
+    values either loader hands out (normalised, cast to data.dtype) as float32. For fitting what
+    depends on the data itself, such as the whitening layer (model.whiten)."""
+    if n <= 0:
+        raise ValueError(f"n={n}: need at least one image")
+    data_dir = check_data_dir(cfg.dir)
+    verify(data_dir, warn=False)
+    train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    threads = torch.get_num_threads()
+    images, _ = read_beton(data_dir / "train.beton", workers=cfg.num_workers, indices=train_indices[:n])
+    torch.set_num_threads(threads)  # ffcv changed it
+    x = normalise(images.to(device), DTYPES[cfg.dtype]).to(torch.float32)
+    return x.permute(0, 3, 1, 2).contiguous()

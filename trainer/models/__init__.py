@@ -9,10 +9,15 @@
     models.seed_row("resnet")  # ("ResNet", SeedRow(test_acc=93.19, ...))
 
 The table below is the whole registry: adding a network means writing its
-constructor ``f(num_classes: int = 10) -> nn.Module`` and one ``register`` line.
+constructor ``f(num_classes: int = 10, **its_options) -> nn.Module`` and one ``register``
+line. Architecture options (``models.build("mobilenet", output_stride=8)``) are the
+constructor's keyword arguments; options every network shares (GELU, BatchNorm settings,
+dirac init) are applied after the build by ``trainer.models.options.apply``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -60,9 +65,12 @@ REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5)
 REGISTRY.register("resnet9_tiny", resnet9.resnet9_tiny, seed_row=None, params_target=0.413)
 
 
-def build(name: str, num_classes: int = 10) -> nn.Module:
-    """A freshly initialised network (no pretrained weights); UnknownModelError lists valid names."""
-    return REGISTRY.build(name, num_classes)
+def build(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
+    """A freshly initialised network (no pretrained weights); UnknownModelError lists valid names.
+
+    ``options`` go to the constructor (output_stride, whiten: trainer/models/options.py maps a
+    config's model section onto them); one the architecture lacks is a UserError naming it."""
+    return REGISTRY.build(name, num_classes, **options)
 
 
 def names() -> list[str]:

@@ -10,6 +10,10 @@ four stride-2 stages reduce 224x224 to 7x7 but would leave 32x32 at 1x1; with th
 at stride 1 the last stages run at 2x2, as in the CIFAR ports of MobileNet. The head
 (adaptive average pool, dropout, linear) is torchvision's with ``num_classes`` outputs.
 Dropout (0.2 / 0.4) and stochastic depth (0.2) keep torchvision's defaults.
+
+``output_stride=8`` runs the last stride-2 stage (stage 6, 5x5 depthwise) at stride 1, so
+stages 6 and 7 and the head see 4x4 maps instead of 2x2, with the same parameters; the
+last stage gives up its stride because that adds resolution where it costs the least.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 
 from torch import nn
 from torchvision.models import EfficientNet, efficientnet_b0 as tv_b0, efficientnet_b4 as tv_b4
+
+from trainer.models.mobilenet import check_output_stride
 
 
 def _cifar_stem(model: EfficientNet) -> EfficientNet:
@@ -28,13 +34,25 @@ def _cifar_stem(model: EfficientNet) -> EfficientNet:
     return model
 
 
-def _build(tv_constructor: Callable[..., EfficientNet], num_classes: int) -> nn.Module:
-    return _cifar_stem(tv_constructor(weights=None, num_classes=num_classes))
+def _output_stride_8(model: EfficientNet) -> EfficientNet:
+    # torchvision's features: [0] stem, [1..7] the seven MBConv stages, [8] the 1x1 head conv;
+    # stage 6 is the last with a stride-2 block, whose depthwise conv carries the stride. That
+    # block has no residual (its channel count changes), so nothing else depends on the stride.
+    strided = [m for m in model.features[6][0].modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 1, "torchvision's EfficientNet layout changed: stage 6 should hold one stride-2 conv"
+    strided[0].stride = (1, 1)  # the 5x5 kernel's padding of 2 keeps the map size at stride 1
+    return model
 
 
-def efficientnet(num_classes: int = 10) -> nn.Module:
-    return _build(tv_b4, num_classes)
+def _build(tv_constructor: Callable[..., EfficientNet], num_classes: int, output_stride: int) -> nn.Module:
+    check_output_stride(output_stride)
+    model = _cifar_stem(tv_constructor(weights=None, num_classes=num_classes))
+    return _output_stride_8(model) if output_stride == 8 else model
 
 
-def efficientnet_b0(num_classes: int = 10) -> nn.Module:
-    return _build(tv_b0, num_classes)
+def efficientnet(num_classes: int = 10, output_stride: int = 16) -> nn.Module:
+    return _build(tv_b4, num_classes, output_stride)
+
+
+def efficientnet_b0(num_classes: int = 10, output_stride: int = 16) -> nn.Module:
+    return _build(tv_b0, num_classes, output_stride)

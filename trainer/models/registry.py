@@ -7,11 +7,14 @@ models is visible in one place and does not depend on which script imported what
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
+from trainer import UserError
 from trainer.models.seed_table import SEED
 
 Constructor = Callable[..., nn.Module]
@@ -89,8 +92,19 @@ class Registry(Mapping[str, ModelSpec]):
                 f"unknown model {name!r}; valid names: {', '.join(self.names())}"
             ) from None
 
-    def build(self, name: str, num_classes: int = 10) -> nn.Module:
-        return self.spec(name).constructor(num_classes=num_classes)
+    def build(self, name: str, num_classes: int = 10, **options: Any) -> nn.Module:
+        """``options`` are keyword arguments of the constructor (the model.* keys of a config); an
+        option the architecture does not have is refused by name rather than ignored, so a config
+        never silently trains a different network than it says."""
+        constructor = self.spec(name).constructor
+        accepted = [p for p in inspect.signature(constructor).parameters if p != "num_classes"]
+        for option in options:
+            if option not in accepted:
+                raise UserError(
+                    f"model.{option}: architecture '{name}' has no such option "
+                    f"(its options: {', '.join(accepted) or 'none'})"
+                )
+        return constructor(num_classes=num_classes, **options)
 
     def names(self) -> list[str]:
         return sorted(self._specs)

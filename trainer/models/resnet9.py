@@ -10,12 +10,23 @@ layer2: conv 256, max-pool 2 -> layer3: conv 512, max-pool 2, residual(2 x conv 
 Every conv is 3x3 conv-BN-ReLU without conv bias. The fixed 0.125 scale on the
 logits is Page's: it keeps the initial softmax soft, which the high learning rates
 of his schedule need.
+
+``whiten=True`` replaces the prep conv by a frozen 2x2 patch-whitening layer and a ReLU
+(airbench, arXiv 2404.00498: its whitening layer stands where Page's prep layer stood), so
+layer1's conv takes its 24 channels; `trainer.models.whitening.fit` sets the filters from
+training images. The unpadded 2x2 conv gives 31x31 maps and the max-pools floor them
+(31 -> 15 -> 7 -> 3) before the global max-pool, as in airbench: padding back to 32 would
+add a border row of made-up values for no gain. It has 6,525,208 parameters (resnet9_tiny
+414,808): the prep conv's go, layer1's first conv shrinks or grows to 24 inputs, and the
+24 trainable whitening biases come in.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
+
+from trainer.models.whitening import PatchWhitening
 
 
 def _conv(c_in: int, c_out: int) -> Conv2dNormActivation:
@@ -33,13 +44,21 @@ class Residual(nn.Module):
 
 class ResNet9(nn.Module):
     def __init__(
-        self, num_classes: int = 10, widths: tuple[int, int, int, int] = (64, 128, 256, 512), logit_scale: float = 0.125
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        logit_scale: float = 0.125,
+        whiten: bool = False,
     ) -> None:
         super().__init__()
         prep, w1, w2, w3 = widths
+        stem: list[nn.Module] = (
+            [PatchWhitening(), nn.ReLU(inplace=True)] if whiten else [_conv(3, prep)]
+        )
+        stem_out = PatchWhitening.out_channels if whiten else prep
         self.features = nn.Sequential(
-            _conv(3, prep),  # prep
-            _conv(prep, w1), nn.MaxPool2d(2), Residual(w1),  # layer1: 32 -> 16
+            *stem,  # prep
+            _conv(stem_out, w1), nn.MaxPool2d(2), Residual(w1),  # layer1: 32 -> 16
             _conv(w1, w2), nn.MaxPool2d(2),  # layer2: 16 -> 8
             _conv(w2, w3), nn.MaxPool2d(2), Residual(w3),  # layer3: 8 -> 4
         )
@@ -51,9 +70,9 @@ class ResNet9(nn.Module):
         return self.fc(self.pool(self.features(x)).flatten(1)) * self.logit_scale
 
 
-def resnet9(num_classes: int = 10) -> nn.Module:
-    return ResNet9(num_classes)
+def resnet9(num_classes: int = 10, whiten: bool = False) -> nn.Module:
+    return ResNet9(num_classes, whiten=whiten)
 
 
-def resnet9_tiny(num_classes: int = 10) -> nn.Module:
-    return ResNet9(num_classes, widths=(16, 32, 64, 128))
+def resnet9_tiny(num_classes: int = 10, whiten: bool = False) -> nn.Module:
+    return ResNet9(num_classes, widths=(16, 32, 64, 128), whiten=whiten)

@@ -46,7 +46,7 @@ def run_ensemble(members: list[Run], device: torch.device) -> EnsembleResult:
     (SEQUENTIAL, the run's normalisation), and counts each member's own correct answers the same way.
 
     Each member sees the batch as its own training run evaluated it: in its data.dtype, under its
-    autocast, with its flip TTA if it had one.
+    autocast, with its TTA views if it had them (tta, tta_translate).
     """
     sets = {_test_set(m) for m in members}
     if len(sets) > 1:
@@ -61,15 +61,16 @@ def run_ensemble(members: list[Run], device: torch.device) -> EnsembleResult:
     for m in members:
         net = load_best(m, device, m.config.data.channels_last)
         fmt = torch.channels_last if m.config.data.channels_last else torch.contiguous_format
-        nets.append((net, DTYPES[m.config.data.dtype], fmt, amp_dtype(device, m.config.train.amp), m.config.train.tta))
+        nets.append((net, DTYPES[m.config.data.dtype], fmt, amp_dtype(device, m.config.train.amp), m.config.train.tta,
+                     m.config.train.tta_translate))
 
     member_correct = [0] * len(members)
     correct = total = 0
     with torch.no_grad():
         for x, y in test:
             probs = []
-            for i, (net, input_dtype, fmt, amp, tta) in enumerate(nets):
-                logits = predict(net, x.to(dtype=input_dtype, memory_format=fmt), tta, amp)
+            for i, (net, input_dtype, fmt, amp, tta, tta_translate) in enumerate(nets):
+                logits = predict(net, x.to(dtype=input_dtype, memory_format=fmt), tta, amp, tta_translate)
                 member_correct[i] += int((logits.argmax(1) == y).sum())
                 probs.append(logits.softmax(1))
             mean = torch.stack(probs).mean(0)

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from trainer import UserError, models
+from trainer import UserError
 from trainer.config import Config, load_config
+from trainer.models import options as model_options
 from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
 from trainer.training import checkpoint
 
@@ -156,7 +157,7 @@ def load_best(run: Run, device: torch.device, channels_last: bool = True) -> tor
     except ValueError as e:  # missing, truncated, or not weights only: name it, go on
         raise UserError(f"{path}: unusable ({e})") from None
     try:
-        net = models.build(state["arch"])
+        net = model_options.build_saved(state)  # with the run's model options
         net.load_state_dict(state["model"])
     except Exception as e:  # from another architecture, or not a best.pt
         raise UserError(f"{path}: unusable ({checkpoint.describe_load_error(e)})") from None

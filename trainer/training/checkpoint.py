@@ -6,9 +6,9 @@ filesystem) or is otherwise unreadable is reported and the previous good state i
 `best.pt` holds the model weights of the selected epoch so far: the best validation accuracy with a
 validation split (data.val_split), else the best test accuracy.
 
-The training state: the state_dict of each stateful part (model, ema, optimizer, scheduler, scaler),
-the progress (its fields at the top level), the partial epoch's sums, every rank's random number
-generators, the world size, the architecture and the config.
+The training state: the state_dict of each stateful part (model, ema, optimizer, scheduler, scaler,
+lookahead), the progress (its fields at the top level, the budget plan among them), the partial
+epoch's sums, every rank's random number generators, the world size, the architecture and the config.
 """
 
 from __future__ import annotations
@@ -145,13 +145,11 @@ def _all_rng_states(group: Dist) -> list[dict[str, Any]]:
     return states
 
 
-def save_last(
-    folder: Path, parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor,
-    group: Dist, cfg: Config,
-) -> None:
-    """Writes the training state to last.pt, keeping the one it replaces as prev.pt. A collective
-    (it gathers every rank's generators): every rank calls it; rank 0 writes."""
-    state = {
+def training_state(
+    parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor, group: Dist, cfg: Config,
+) -> dict[str, Any]:
+    """What last.pt holds. A collective (it gathers every rank's generators): every rank calls it."""
+    return {
         **{name: part.state_dict() if part is not None else None for name, part in parts.items()},
         **progress.to_dict(),
         "train_sums": train_sums.cpu(),
@@ -160,6 +158,15 @@ def save_last(
         "arch": cfg.model.arch,
         "config": to_dict(cfg),
     }
+
+
+def save_last(
+    folder: Path, parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor,
+    group: Dist, cfg: Config,
+) -> None:
+    """Writes the training state to last.pt, keeping the one it replaces as prev.pt. A collective
+    (it gathers every rank's generators): every rank calls it; rank 0 writes."""
+    state = training_state(parts, progress, train_sums, group, cfg)
     if group.is_main:
         save(state, folder / LAST, keep_previous=True)
 
@@ -176,7 +183,8 @@ def resume(
         raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
     _check_same_split(folder, state["config"]["data"], cfg)
     for name, part in parts.items():
-        if part is not None and state[name] is not None:  # e.g. an EMA switched on when resuming starts afresh
+        # e.g. an EMA or lookahead switched on when resuming starts afresh (absent: written before it existed)
+        if part is not None and state.get(name) is not None:
             part.load_state_dict(state[name])
     train_sums.copy_(state["train_sums"])
     progress = Progress.from_dict(state)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from trainer.training.budget import Plan
+
 
 @dataclass(frozen=True)
 class Best:
@@ -39,6 +41,9 @@ class Progress:
     best_test_acc: float = -1.0
     best_test_epoch: int = 0
     last_val_acc: float | None = None
+    # train.budget_s: the plan fitted to the budget, None until it is (or without a budget). A
+    # resumed run follows it rather than measuring again, so every segment trains to the same end.
+    plan: Plan | None = None
 
     @property
     def mid_epoch(self) -> bool:
@@ -69,7 +74,8 @@ class Progress:
         on the test set, so its best epoch is also its best-test epoch."""
         best = state["best"]
         implied = {"compile_s": 0.0, "best_test_acc": best["test_acc"], "best_test_epoch": best["epoch"],
-                   "last_val_acc": None}
+                   "last_val_acc": None, "plan": None}
         values = {f.name: state[f.name] if f.name in state or f.name not in implied else implied[f.name]
                   for f in fields(cls)}
-        return cls(**{**values, "best": Best(**best)})
+        plan = Plan(**values["plan"]) if values["plan"] is not None else None
+        return cls(**{**values, "best": Best(**best), "plan": plan})

@@ -25,6 +25,7 @@ class Stopped(Exception):
 class Reason(enum.Enum):
     PATIENCE = "patience"  # no better validation (or, without a split, test) accuracy for train.patience epochs
     TIME_BUDGET = "time budget"  # train.time_budget_s of training passed
+    BUDGET_PLAN_DONE = "budget plan done"  # train.budget_s: the steps fitted to the budget are trained
     STOP_AFTER_EPOCH = "stop after epoch"  # --stop-after-epoch, a preemption on request
     SIGNAL = "signal"  # SIGTERM or SIGUSR2: a preemption
     EPOCHS_DONE = "epochs done"
@@ -64,6 +65,10 @@ def should_stop(
         return Stop(Reason.TIME_BUDGET, f"time budget reached: {progress.elapsed_s:.0f} s of training >= "
                                         f"train.time_budget_s={cfg.time_budget_s:g}; stopping after epoch {epoch} "
                                         f"of {cfg.epochs}")
+    plan = progress.plan
+    if plan is not None and progress.global_step >= plan.total_steps:
+        return Stop(Reason.BUDGET_PLAN_DONE, f"budget plan done: {plan.total_steps} steps ({plan.epochs:.2f} epochs) "
+                                             f"in {progress.elapsed_s:.1f} s of train.budget_s={plan.budget_s:g}")
     if stop_after_epoch is not None and epoch >= stop_after_epoch:
         return Stop(Reason.STOP_AFTER_EPOCH, f"stopped after epoch {epoch} as asked; run again to resume")
     if signum is not None:

@@ -58,10 +58,14 @@ def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: 
         "gap": best.train_acc - best.test_acc,  # train minus test accuracy, both of the selected epoch
         "params": params,
         "epochs_run": progress.epoch,
-        "stopped_early": progress.epoch < cfg.train.epochs,
+        # Before train.epochs, for a reason other than the end of a budget's plan (patience, a time cut-off).
+        "stopped_early": progress.epoch < cfg.train.epochs and progress.plan is None,
         "wall_time_s": progress.elapsed_s,  # training, evaluating and compiling (compile_s of it)
         "compile_s": progress.compile_s,
         "best_epoch_wall_time_s": best.elapsed_s,
+        # train.budget_s: the plan fitted to it and the time used (None without a budget, or when the
+        # run ended before the plan was fitted).
+        "budget": progress.plan.record(progress.elapsed_s) if progress.plan is not None else None,
         "gpu_seconds": progress.elapsed_s * group.world_size if group.device.type == "cuda" else None,
         "world_size": group.world_size,
         "hosts": hosts(group),  # the distinct hosts the ranks ran on

@@ -1,13 +1,17 @@
 """The Trainer: builds the model, optimizer, schedule and DDP wrapper from a Config, trains epoch by
-epoch, evaluates, checkpoints, and stops when stopping.should_stop says so."""
+epoch, evaluates, checkpoints, and stops when stopping.should_stop says so. With train.budget_s it
+times its first steps, fits a plan of steps to the budget (budget.py) and ends where the plan does,
+mid-epoch if need be."""
 
 from __future__ import annotations
 
+import io
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +19,28 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer import UserError, models, run_files
+from trainer import UserError, run_files
 from trainer.cli import naming
 from trainer.config import Config
 from trainer.data import build_loaders, build_val_loader
 from trainer.data.common import DTYPES, default_threads, per_process_batch
+from trainer.data.resident import normalised_images
 from trainer.device import amp_dtype
 from trainer.distributed import Dist
 from trainer.logger import NullLogger
-from trainer.training import checkpoint, stopping
+from trainer.models import options as model_options
+from trainer.models import whitening
+from trainer.training import budget, checkpoint, stopping
 from trainer.training.collectives import all_reduce_max, all_reduce_sum, broadcast, tracking
 from trainer.training.ema import EMA
 from trainer.training.evaluate import evaluate_counted, predict
+from trainer.training.lookahead import Lookahead
 from trainer.training.optim import lr_lambda, param_groups
 from trainer.training.progress import Progress
 from trainer.training.summary import ranks_in_sync, summary
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+WHITENING_IMAGES = 5000  # training images the patch-whitening layer is fitted to (airbench uses 5,000 too)
 
 
 class StopCheck:
@@ -113,25 +122,27 @@ class Trainer:
         self.val_loader = build_val_loader(cfg.data, group, self.threads)
         self.memory_format = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
 
-        self.model = models.build(cfg.model.arch).to(device, memory_format=self.memory_format)
+        # The architecture with the config's options (output stride, whitening, activation, BatchNorm, dirac init).
+        self.model = model_options.build(cfg.model).to(device, memory_format=self.memory_format)
+        if cfg.model.whiten:
+            # Fitted on every rank from the same images (identical weights), also when resuming,
+            # where the checkpoint then puts back the same values.
+            whitening.fit(self.model, normalised_images(cfg.data, n=WHITENING_IMAGES, device=device))
         self.params = sum(p.numel() for p in self.model.parameters())
         # On the training device: its buffers are broadcast before each evaluation (NCCL: GPU tensors only).
         self.ema = EMA(self.model, cfg.train.ema, device) if cfg.train.ema else None
         # data.batch_size is the global batch: the recipe, whatever the number of processes.
         self.batch = per_process_batch(cfg.data.batch_size, group.world_size)
         self.peak_lr = cfg.optim.lr * cfg.data.batch_size / 256  # linear scaling with the global batch
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.model, cfg.optim.weight_decay),
-            lr=self.peak_lr,
-            momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov,
-        )
+        groups = param_groups(self.model, cfg.optim.weight_decay, self.peak_lr, cfg.optim.bias_lr_mult)
+        self.base_lrs = [g["lr"] for g in groups]  # per group: the biases' may be multiplied
+        self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=cfg.optim.momentum,
+                                         nesterov=cfg.optim.nesterov)
         self.steps_per_epoch = len(self.train_loader)
-        total_steps = cfg.train.epochs * self.steps_per_epoch
-        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total_steps, warmup, cfg.optim.schedule)
-        )
+        self.max_steps = cfg.train.epochs * self.steps_per_epoch  # train.epochs: with a budget, an upper bound
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor(self.max_steps))
+        self.lookahead = (Lookahead(self.model, cfg.train.lookahead_every, cfg.train.lookahead_decay)
+                          if cfg.train.lookahead_every else None)
         self.amp_dtype = amp_dtype(device, cfg.train.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -152,21 +163,43 @@ class Trainer:
         self.resumed = progress is not None
         self.progress = progress or Progress()
         if self.resumed:
-            self._apply_config_lr()
+            self._set_schedule(self.total_steps)  # the checkpoint's plan, if it has one
         else:  # from here on each rank draws its own random numbers
             torch.manual_seed(cfg.train.seed + 1 + group.rank)
+        # A budget without a plan yet (a fresh run, or one stopped before the fit): time the first steps.
+        self.calibration = (budget.Calibration(cfg.train.budget_s, self.steps_per_epoch, device)
+                            if cfg.train.budget_s and self.progress.plan is None else None)
+        self.epoch_start = time.perf_counter()  # when the epoch in progress (this segment of it) began
 
     def _parts(self) -> dict[str, Any]:
         """What has a state_dict, under the names the checkpoint keeps it."""
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "scaler": self.scaler}
+                "scaler": self.scaler, "lookahead": self.lookahead}
+
+    @property
+    def total_steps(self) -> int:
+        """Where the schedule reaches zero and training ends: the budget's plan, else train.epochs."""
+        plan = self.progress.plan
+        return plan.total_steps if plan is not None else self.max_steps
+
+    def _lr_factor(self, total_steps: int) -> Callable[[int], float]:
+        warmup = round(self.cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if self.cfg.train.budget_s:
+            warmup = budget.warmup_steps(self.cfg.optim.warmup_epochs, self.steps_per_epoch, total_steps)
+        return lr_lambda(total_steps, warmup, self.cfg.optim.schedule)
+
+    def _set_schedule(self, total_steps: int) -> None:
+        """The schedule ending at `total_steps`, from the current step on. LambdaLR keeps no
+        function in its state_dict, so a resumed run sets its own here too."""
+        self.scheduler.lr_lambdas = [self._lr_factor(total_steps)] * len(self.optimizer.param_groups)
+        self._apply_config_lr()
 
     def _apply_config_lr(self) -> None:
         """The config is the recipe, the checkpoint the progress: a changed optim.lr applies from here."""
-        self.scheduler.base_lrs = [self.peak_lr for _ in self.optimizer.param_groups]
+        self.scheduler.base_lrs = list(self.base_lrs)
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.peak_lr * factor
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
 
     def save_last(self) -> None:
         with naming(self.ckpt_dir / checkpoint.LAST):  # a full disk: say where
@@ -207,6 +240,8 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {progress.epoch + 1}/{cfg.train.epochs}",
                    leave=False, disable=None if self.group.is_main else True, dynamic_ncols=True)
         self.stop_check.restart()
+        if self.calibration is not None:
+            self.calibration.restart()
         # The batches are closed however the epoch ends: an ffcv iterator left open mid-epoch (an
         # error, a stop signal) keeps its thread decoding, and a process exiting while it does can abort.
         with bar, closing(iter(self.train_loader)) as batches:
@@ -220,14 +255,22 @@ class Trainer:
                     self.train_compiled = True
                 progress.global_step += 1
                 progress.epoch_step += 1
+                if self.lookahead is not None and progress.global_step <= self.total_steps:
+                    self.lookahead.step(self.model, progress.global_step, self.total_steps)
                 bar.update()
+                if self.calibration is not None:
+                    self._calibrate(logger)
                 # The only host syncs inside an epoch: the logging steps and the stop checks.
                 if progress.global_step % cfg.logging.log_every == 0:
                     self._check_finite()
                     window = all_reduce_sum(self.window, device)
                     logger.log_step(progress.global_step, {"loss": (window[0] / window[1]).item(),
-                                                           "lr": self.scheduler.get_last_lr()[0]})
+                                                           "lr": self.optimizer.param_groups[0]["lr"]})
                     window.zero_()
+                if self.lookahead is not None and progress.global_step == self.total_steps:
+                    self.lookahead.finish(self.model)  # the schedule's end: the run ends on the slow weights
+                if progress.plan is not None and progress.global_step >= progress.plan.total_steps:
+                    break  # the budget's plan is done, possibly mid-epoch: this partial epoch is evaluated as one
                 # Not after the epoch's last step: the check between epochs comes next anyway, and a
                 # mid-epoch checkpoint then always has batches left to train.
                 if (progress.epoch_step < self.steps_per_epoch and self.stop_check.due()
@@ -252,7 +295,7 @@ class Trainer:
         int that reaches the device as a kernel argument, not as a copied tensor."""
         with torch.autocast(self.group.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = net(x)
-            loss = self.criterion(out, y)
+            loss = self.criterion(out, y)  # y: class indices, or (B, 10) probabilities (mixup, cutmix)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -263,7 +306,8 @@ class Trainer:
         loss = loss.detach().double()
         n = y.shape[0]
         count = torch.full_like(loss, n)
-        self.train_sums += torch.stack([loss * n, (out.argmax(1) == y).sum().double(), count])
+        labels = y.argmax(1) if y.ndim == 2 else y  # a mixed image counts as the class it shows most of
+        self.train_sums += torch.stack([loss * n, (out.argmax(1) == labels).sum().double(), count])
         self.window += torch.stack([loss * n, count])
         step = self.progress.global_step
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
@@ -285,7 +329,11 @@ class Trainer:
         ranks must evaluate, and end, with the same model.
         """
         if self.group.enabled:
-            broadcast([*self.model.buffers(), *(self.ema.buffers() if self.ema else [])], self.group.device)
+            # The lookahead's slow copies of the buffers too: each rank lerps its own statistics into
+            # them, and a resumed run loads rank 0's on every rank, so they must agree.
+            slow = [self.lookahead.slow[name] for name, _ in self.model.named_buffers()
+                    if name in self.lookahead.slow] if self.lookahead else []
+            broadcast([*self.model.buffers(), *(self.ema.buffers() if self.ema else []), *slow], self.group.device)
 
     def evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy (%) over the whole test set: each rank its shard, counts summed."""
@@ -293,7 +341,8 @@ class Trainer:
         return loss, acc
 
     def _evaluate(self, net: nn.Module, loader: Any) -> tuple[float, float, int]:
-        return evaluate_counted(net, loader, self.cfg.train.tta, self.amp_dtype, pad_to=self.batch)
+        return evaluate_counted(net, loader, self.cfg.train.tta, self.amp_dtype, pad_to=self.batch,
+                                tta_translate=self.cfg.train.tta_translate)
 
     def _eval_net(self) -> nn.Module:
         """The network to evaluate (the EMA's when there is one), the same on every rank, its eval
@@ -307,7 +356,7 @@ class Trainer:
             net.eval()
             with torch.no_grad():
                 self._timed_compile(predict, net, x.contiguous(memory_format=self.memory_format),
-                                    self.cfg.train.tta, self.amp_dtype)
+                                    self.cfg.train.tta, self.amp_dtype, self.cfg.train.tta_translate)
             self.eval_compiled = True
         return net
 
@@ -321,12 +370,14 @@ class Trainer:
         compile_s = self._take_compile_s()
         epoch_s = time.perf_counter() - start  # compiling included: it is spent, and it counts in the budget
         progress.elapsed_s += epoch_s
+        steps = progress.epoch_step  # steps_per_epoch, or fewer where a budget's plan ended mid-epoch
         progress.epoch += 1
         progress.epoch_step = 0
         self.train_sums.zero_()
         train_acc = 100.0 * sums[1] / sums[2]
         metrics = {
             "epoch": progress.epoch,
+            "steps": steps,
             "train_loss": sums[0] / sums[2],
             "train_acc": train_acc,
         }
@@ -335,7 +386,8 @@ class Trainer:
         metrics |= {
             "test_loss": test_loss,
             "test_acc": test_acc,
-            "lr": self.scheduler.get_last_lr()[0],
+            # The next step's (the weights' group): get_last_lr() would miss a schedule set since (a budget's fit).
+            "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": (sums[2] - images_before * group.world_size) / train_s,
             "epoch_s": epoch_s,
             "compile_s": compile_s,  # the part of epoch_s spent compiling
@@ -357,6 +409,7 @@ class Trainer:
             + (f"val loss {val[0]:.3f} acc {val[1]:5.2f}  " if val is not None else "")
             + f"test loss {test_loss:.3f} acc {test_acc:5.2f}  {metrics['images_per_s']:,.0f} img/s  "
             f"{metrics['epoch_s']:.1f} s"
+            + (f"  (partial: {steps} of {self.steps_per_epoch} steps)" if steps < self.steps_per_epoch else "")
         )
 
     def _take_compile_s(self) -> float:
@@ -367,15 +420,92 @@ class Trainer:
         self.progress.compile_s += compile_s
         return compile_s
 
+    # ---- the budget's plan ----------------------------------------------------------------
+
+    def _calibrate(self, logger: NullLogger) -> None:
+        """After each step until the plan is fitted: counts it, and at the end of a timed window
+        sets the schedule from the probe's estimate, or fits the plan (collectives, at the same step
+        on every rank)."""
+        elapsed = self.progress.elapsed_s + time.perf_counter() - self.epoch_start
+        timed = self.calibration.after_step(elapsed)
+        if timed is None:
+            return
+        stage, step_s, elapsed = timed
+        if stage == "probe":
+            # A first estimate from one step, without evaluations: the calibration's steps then run
+            # in a warmup close to the fitted plan's, not one of train.epochs (a jump to many times
+            # the learning rate at the fit).
+            left = int(max(0.0, self.cfg.train.budget_s - elapsed) / step_s) if step_s > 0 else self.max_steps
+            self._set_schedule(min(self.max_steps, self.progress.global_step + left))
+        else:
+            self._fit_plan(logger, step_s)
+            self.calibration = None
+        self.stop_check.restart()  # the probes' time is no step time
+
+    def _fit_plan(self, logger: NullLogger, step_s: float) -> None:
+        cfg, progress, device = self.cfg, self.progress, self.group.device
+        eval_s = self._time_evaluation()
+        checkpoint_s = self._time_checkpoint()
+        (self.ddp or self.compiled).train()  # evaluating set eval mode
+        elapsed = progress.elapsed_s + time.perf_counter() - self.epoch_start
+        # The slowest rank's numbers on every rank: each computes the same plan from them.
+        measured = torch.tensor([eval_s, checkpoint_s, elapsed], dtype=torch.float64, device=device)
+        eval_s, checkpoint_s, elapsed = all_reduce_max(measured, device).tolist()
+        budget_s = cfg.train.budget_s
+        margin_s = budget.margin_s(budget_s, step_s)
+        total = budget.fit_steps(budget_s, elapsed, progress.global_step, progress.epoch, self.steps_per_epoch,
+                                 self.max_steps, step_s, eval_s, checkpoint_s, margin_s)
+        progress.plan = budget.Plan(
+            budget_s=budget_s, calibrated_at=progress.global_step, step_s=step_s, eval_s=eval_s,
+            checkpoint_s=checkpoint_s, margin_s=margin_s, total_steps=total, epochs=total / self.steps_per_epoch,
+            images_per_s=cfg.data.batch_size / step_s if step_s > 0 else 0.0,
+        )
+        # The warmup now ends at a fifth of the plan at most; the calibration's steps ran in the
+        # probe's estimate of it, so the learning rate may jump a little here.
+        self._set_schedule(total)
+        logger.info(progress.plan.describe())
+        if total == progress.global_step:
+            logger.info(f"warning: {elapsed:.1f} s of train.budget_s={budget_s:g} were spent before the plan could "
+                        f"be fitted; training ends now")
+
+    def _time_evaluation(self) -> float:
+        """One evaluation's cost on this rank: a few test batches timed with the eval network,
+        scaled to the test and validation sets' batches (each costs the same: evaluate pads the
+        last). The eval graph is compiled first if compiling (compile time, paid once); with ffcv an
+        untimed batch first takes the compilation of the new loader's pipeline (7-12 s, once)."""
+        net = self._eval_net()
+        batches = sum(len(loader) for loader in (self.test_loader, self.val_loader) if loader is not None)
+        warm = 1 if self.cfg.data.loader == "ffcv" and len(self.test_loader) > 1 else 0
+        timed = min(2, len(self.test_loader) - warm)
+        with closing(iter(self.test_loader)) as test_batches:
+            if warm:
+                self._evaluate(net, islice(test_batches, warm))
+            start = time.perf_counter()
+            self._evaluate(net, islice(test_batches, timed))  # ends with a host sync (the counts)
+            return (time.perf_counter() - start) / timed * batches
+
+    def _time_checkpoint(self) -> float:
+        """One checkpoint's cost on this rank: last.pt's state gathered and serialised to memory,
+        and best.pt's weights (an upper bound: best.pt is written only for a better epoch)."""
+        start = time.perf_counter()
+        state = checkpoint.training_state(self._parts(), self.progress, self.train_sums, self.group, self.cfg)
+        torch.save(state, io.BytesIO())
+        torch.save((self.ema.module if self.ema else self.model).state_dict(), io.BytesIO())
+        return time.perf_counter() - start
+
     # ---- the run ------------------------------------------------------------------------
 
     def run(self, logger: NullLogger) -> dict[str, Any]:
         """Trains until should_stop gives a reason; returns the summary if the run is over, or raises
         Stopped (with the checkpoint saved) if it was paused."""
+        plan = self.progress.plan
+        if plan is not None and plan.budget_s != self.cfg.train.budget_s:
+            logger.info(f"following the checkpoint's plan for train.budget_s={plan.budget_s:g}, not "
+                        f"{self.cfg.train.budget_s:g}: {plan.total_steps} steps")
         with self._catching_stop_signals(), tracking():
             while (stop := stopping.should_stop(self.progress, self.cfg.train, self.stop_after_epoch,
                                                 self._signalled())) is None:
-                start = time.perf_counter()
+                start = self.epoch_start = time.perf_counter()
                 if self.group.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(self.group.device)
                 images_before = self.train_sums[2].item()
