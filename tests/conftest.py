@@ -130,10 +130,10 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Co
 
 @pytest.fixture(scope="session")
 def trained_tiny_run(beton_dir, tmp_path_factory) -> Path:
-    """One epoch of tiny.yaml on the synthetic data with an offline W&B run: a finished run folder
+    """One epoch of the tests' config (tests/configs/small.yaml) on the synthetic data with an offline W&B run: a finished run folder
     (best.pt with trained BatchNorm statistics, summary, W&B records) for tests that only read one."""
     run_dir = tmp_path_factory.mktemp("trained") / "resnet9_tiny"
-    done = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"),
+    done = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"),
                            "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN, "train.epochs=1",
                            "train.ema=0", "logging.mode=offline"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)

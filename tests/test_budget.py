@@ -19,7 +19,7 @@ from trainer.training import budget
 from trainer.training.progress import Progress
 from trainer.training.stopping import Reason, should_stop
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 # The resident loader: no ffcv pipeline compilation (7-12 s per new loader) inside a budget of seconds.
 BASE = ["data.loader=resident", "data.test_subset=100", "train.tta=false", "data.val_split=0", "data.flip=false", "data.translate=0",
         "logging.mode=disabled", "logging.log_every=1000"]

@@ -151,7 +151,7 @@ def test_without_sidecar_the_layout_is_checked_and_the_summary_records_the_files
     train, _ = _build(data)
     assert "cifar10.json: missing" in capsys.readouterr().err
     assert train.num_samples == 5000
-    cfg = load_config(REPO / "jobs/configs/tiny.yaml", [f"data.dir={data}"])
+    cfg = load_config(REPO / "tests/configs/small.yaml", [f"data.dir={data}"])
     recorded = summary(cfg, Progress(), 0, Dist.single(), True)["data"]
     assert recorded["train_sha256"] == _sha256(data / "train.beton")
     assert recorded["test_sha256"] == _sha256(data / "test.beton")
@@ -173,6 +173,6 @@ def test_trainer_refuses_a_truncated_beton_with_one_line(data, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (data / SIDECAR).unlink()  # the layout check alone, as for files converted elsewhere
     run_dir = tmp_path / "run"
-    r = run_cli("-m", "trainer", "--config", "jobs/configs/tiny.yaml", "--run-dir", str(run_dir), f"data.dir={data}",
+    r = run_cli("-m", "trainer", "--config", "tests/configs/small.yaml", "--run-dir", str(run_dir), f"data.dir={data}",
                 *SMALL_RUN, timeout=120)
     _one_line_error(r, str(path), "not a readable .beton")

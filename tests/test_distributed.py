@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, SMALL_RUN
 from trainer import distributed
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 
 
 # ---- the environment under SLURM ----------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, SMALL_RUN
 from trainer import cli
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -70,6 +70,8 @@ def test_safetensors_loads_strictly_into_the_registry_network(trained_run, tmp_p
         meta = f.metadata()
     assert meta["arch"] == "resnet9_tiny" and int(meta["epoch"]) == state["epoch"] == 1
     assert len(json.loads(meta["mean"])) == 3
+    # The run's model section, to rebuild a network with options (whitening, GELU...) before loading.
+    assert json.loads(meta["model"]) == {**state["config"]["model"], "arch": "resnet9_tiny", "whiten": False}
 
 
 @pytest.mark.slow

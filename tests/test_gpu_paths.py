@@ -20,7 +20,7 @@ from trainer.training import checkpoint, collectives
 from trainer.training.ema import EMA
 from trainer.training.evaluate import evaluate
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 CPU = torch.device("cpu")
 
 

@@ -129,7 +129,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_
     import submitit
 
     reference = tmp_path / "reference"
-    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--run-dir",
+    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"), "--run-dir",
                         str(reference), f"data.dir={beton_dir}", *SMALL_RUN], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
@@ -170,7 +170,7 @@ def test_failed_job_shows_its_traceback_and_fails_the_launch(slurm, beton_dir, t
 @pytest.mark.slow
 def test_plain_sbatch_script(slurm, beton_dir, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**slurm, "CONFIG": str(REPO / "jobs/configs/tiny.yaml"), "RUN_DIR": str(run_dir)}
+    env = {**slurm, "CONFIG": str(REPO / "tests/configs/small.yaml"), "RUN_DIR": str(run_dir)}
     r = subprocess.run(["sbatch", "--parsable", "-p", "debug", "--gpus-per-node=0", "--ntasks-per-node=1",
                         "--cpus-per-task=1", "-o", str(tmp_path / "slurm-%j.out"), str(REPO / "slurm/train.sbatch"),
                         f"data.dir={beton_dir}", "data.train_subset=256", "data.test_subset=256", "train.epochs=1",

@@ -208,7 +208,7 @@ def test_two_nodes_match_one_node_with_two_processes(reference, beton_dir, tmp_p
     # The same recipe and global batch as `reference`, as two processes on this one host (torchrun).
     run_dir = tmp_path / "one-host"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "trainer", "--config", str(REPO / "jobs/configs/tiny.yaml"), "--run-dir", str(run_dir),
+                        "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"), "--run-dir", str(run_dir),
                         "model.arch=resnet9_tiny", *load_profiles()["smoke"], f"data.dir={beton_dir}", *RUN],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import REPO, SMALL_RUN
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 WEIGHTS_ONLY = "not a weights-only checkpoint (refused: it would run code)"
 TORN = '{"epoch": 3, "train_loss": 1.2, "train_a'  # an append cut short by a crash or a full disk
 

@@ -15,7 +15,7 @@ from conftest import REPO, SMALL_RUN
 from trainer.config import TrainConfig
 from trainer.training.trainer import StopCheck
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 # On the CPU, where an epoch takes a minute (on a GPU it could end before the first check), and
 # with the trainer's lines arriving as it prints them.
 CPU_UNBUFFERED = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}

@@ -16,7 +16,7 @@ from conftest import REPO, SMALL_RUN
 from wandb_records import config as wandb_config
 from wandb_records import history, read_records
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 SUMMARY_FIELDS = {
     "test_acc", "best_test_acc", "best_epoch", "train_acc", "gap", "params", "arch", "epochs_run", "wall_time_s",
     "gpu_seconds", "world_size", "device", "torch_version", "git_sha", "data",
@@ -25,7 +25,7 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API k
 
 
 def small(beton_dir: Path, *extra: str) -> list[str]:
-    """tiny.yaml shrunk to seconds (conftest.SMALL_RUN) on the test data, with `extra` overrides."""
+    """The tests' config (tests/configs/small.yaml) shrunk to seconds (conftest.SMALL_RUN) on the test data, with `extra` overrides."""
     return ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, *extra]
 
 

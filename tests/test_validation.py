@@ -25,7 +25,7 @@ from trainer.data.common import train_val_indices, validation_split
 from trainer.data.resident import read_beton
 from trainer.distributed import Dist
 
-TINY = REPO / "jobs/configs/tiny.yaml"
+TINY = REPO / "tests/configs/small.yaml"
 CPU = torch.device("cpu")
 # Seconds-long runs: 1,000 training images (10 steps an epoch) learn gradually enough that the
 # validation accuracy still rises after epoch 1.

@@ -6,8 +6,9 @@
   deployment needs. Input: float32 RGB images, NCHW, pixel values 0-255 (shape N x 3 x 32 x 32,
   any N); output: the 10 class logits (CIFAR-10 label order). The ONNX file is checked against
   the PyTorch network with onnxruntime before it is kept.
-- safetensors: the network's weights alone (the state_dict of `trainer.models.build(arch)`; load
-  them with strict=True), with the architecture, epoch, accuracy and normalisation as metadata.
+- safetensors: the network's weights alone (the state_dict of `trainer.models.options.build` of the
+  `model` metadata, the run's model section: `trainer.models.build(arch)` when it sets no option;
+  load them with strict=True), with the architecture, epoch, accuracy and normalisation as metadata.
   Inputs must then be normalised as the metadata says.
 
 The file is written atomically and an existing FILE is kept unless --force is given.
@@ -70,6 +71,8 @@ def metadata(state: dict) -> dict[str, str]:
     """What a file needs to be used and trusted later: the network, its score, the input contract."""
     return {
         "arch": state["arch"],
+        # The model options (whitening, GELU, output stride...) change the layout: rebuild with them.
+        "model": json.dumps((state.get("config") or {}).get("model") or {"arch": state["arch"]}),
         "epoch": str(state["epoch"]),
         "test_acc": f"{state['test_acc']:.4f}",
         "mean": json.dumps([255 * m for m in MEAN]),
