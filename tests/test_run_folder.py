@@ -80,6 +80,8 @@ def write_code_pickle(path: Path, marker: Path) -> None:
     ("data.dir=/nonexistent/cifar", "/nonexistent/cifar/train.beton: not found"),
     ("data.batch_size=100000", "exceeds the 3000 training images"),
     ("model.arch=resnet9", "holds a 'resnet9_tiny' run, not 'resnet9'"),  # another architecture's config
+    ("model.activation=gelu", "began with model.activation='relu'"),  # would load: GELU has no weights
+    ("optim.bias_lr_mult=2", "optimizer state does not fit this config"),  # another set of parameter groups
 ])
 def test_a_failed_command_changes_nothing_in_the_run_folder(run_dir, beton_dir, bad, message):
     from trainer import UserError

@@ -13,6 +13,7 @@ epoch's sums, every rank's random number generators, the world size, the archite
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from trainer import UserError
-from trainer.config import Config, to_dict
+from trainer.config import Config, ModelConfig, to_dict
 from trainer.distributed import Dist
 from trainer.files import atomic_path, remove_stale_temp_files
 from trainer.run_files import RESTART_HINT
@@ -171,6 +172,19 @@ def save_last(
         save(state, folder / LAST, keep_previous=True)
 
 
+def _check_same_model(folder: Path, saved: Mapping[str, Any], cfg: Config) -> None:
+    """The model options (whitening, GELU, output stride...) are the network the weights belong to:
+    some would load into another layout without an error (GELU has no weights) and train on as
+    something else. Keys a checkpoint predates had their defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    now = to_dict(cfg)["model"]
+    changed = [k for k, v in now.items() if saved.get(k, defaults.get(k)) != v]
+    if changed:
+        was = ", ".join(f"model.{k}={saved.get(k, defaults.get(k))!r}" for k in changed)
+        raise UserError(f"{folder}: this run began with {was}; the model options must stay as the run began; "
+                        "use another --run-dir")
+
+
 def resume(
     folder: Path, parts: Mapping[str, Stateful | None], train_sums: torch.Tensor, group: Dist, cfg: Config
 ) -> Progress | None:
@@ -182,10 +196,18 @@ def resume(
     if state["arch"] != cfg.model.arch:
         raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
     _check_same_split(folder, state["config"]["data"], cfg)
+    _check_same_model(folder, state["config"].get("model", {}), cfg)
     for name, part in parts.items():
         # e.g. an EMA or lookahead switched on when resuming starts afresh (absent: written before it existed)
         if part is not None and state.get(name) is not None:
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                # The layout the config builds (model.* options, optim.bias_lr_mult's parameter
+                # groups) is not the one the run began with: torch's message spans many lines.
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UserError(f"{folder}: its {name} state does not fit this config ({first}); the model options "
+                                "and optim.bias_lr_mult must stay as the run began; use another --run-dir") from None
     train_sums.copy_(state["train_sums"])
     progress = Progress.from_dict(state)
     if state["world_size"] == group.world_size:
