@@ -129,7 +129,10 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_
     import submitit
 
     reference = tmp_path / "reference"
-    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"), "--run-dir",
+    from trainer.launch import config_path
+
+    # The config the launcher trains resnet9_tiny with (jobs/configs/tiny.yaml), shrunk alike.
+    r = subprocess.run([sys.executable, "-m", "trainer", "--config", str(config_path("resnet9_tiny")), "--run-dir",
                         str(reference), f"data.dir={beton_dir}", *SMALL_RUN], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -203,12 +203,12 @@ def test_launch_two_nodes_trains_one_job_across_two_hosts(two_nodes, reference, 
 
 
 def test_two_nodes_match_one_node_with_two_processes(reference, beton_dir, tmp_path):
-    from trainer.launch import load_profiles
+    from trainer.launch import config_path, load_profiles  # the launcher's config for resnet9_tiny
 
     # The same recipe and global batch as `reference`, as two processes on this one host (torchrun).
     run_dir = tmp_path / "one-host"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"), "--run-dir", str(run_dir),
+                        "-m", "trainer", "--config", str(config_path("resnet9_tiny")), "--run-dir", str(run_dir),
                         "model.arch=resnet9_tiny", *load_profiles()["smoke"], f"data.dir={beton_dir}", *RUN],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

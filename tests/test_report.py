@@ -177,25 +177,35 @@ def test_deployment_figures(sweep, reported):
 
 def _probabilities(run_dir: Path, beton_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's best.pt over its own test loader, evaluated as the trainer evaluates: softmax, labels."""
-    from trainer import models
+    import torch.nn.functional as F
+
     from trainer.config import load_config
     from trainer.data import build_loaders
     from trainer.distributed import Dist
+    from trainer.models import options
 
     cfg = load_config(run_dir / "config.yaml", [f"data.dir={beton_dir}"])
     amp = amp_dtype(torch.device("cpu"), cfg.train.amp)
     _, test = build_loaders(cfg.data, Dist.single("cpu"), 0, 2)
     state = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
-    net = models.build(state["arch"]).to(memory_format=torch.channels_last)
+    net = options.build(cfg.model).to(memory_format=torch.channels_last)  # tiny.yaml whitens, mobilenet has stride 8
     net.load_state_dict(state["model"])
     net.eval()
+
+    def pair(v: torch.Tensor) -> torch.Tensor:
+        return (net(v).float() + net(v.flip(-1)).float()) / 2 if cfg.train.tta else net(v).float()
+
+    k = cfg.train.tta_translate
     probs, labels = [], []
     with torch.no_grad():
         for x, y in test:
             with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-                logits = net(x).float()
-                if cfg.train.tta:
-                    logits = (logits + net(x.flip(-1)).float()) / 2
+                logits = pair(x)
+                if k:  # airbench's 6 views: half the plain pair, a quarter each for the pair shifted by +-k (reflect)
+                    padded = F.pad(x, (k, k, k, k), mode="reflect")
+                    up_left, down_right = (padded[:, :, o : o + 32, o : o + 32].contiguous(memory_format=torch.channels_last)
+                                           for o in (2 * k, 0))
+                    logits = logits / 2 + pair(up_left) / 4 + pair(down_right) / 4
             probs.append(logits.softmax(1).clone())  # ffcv reuses its batch buffers
             labels.append(y.clone())
     return torch.cat(probs), torch.cat(labels)
