@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pixel_tables import random_table, shifts_of, unaugmented
 from trainer.config import DataConfig
 from trainer.data import build_loaders
 from trainer.data.cifar10 import MEAN, STD, read_split
 from trainer.data.common import train_val_indices
 from trainer.data.resident import (
-    ResidentLoader, draw_mix_plan, epoch_order, normalised_images, pixel_indices, pixel_table,
+    ResidentLoader, draw_mix_plan, epoch_order, normalised_images, pixel_indices,
 )
 from trainer.distributed import Dist
 
@@ -20,14 +21,10 @@ N, BATCH = 64, 16
 
 
 def _table(n: int = N, pad: int = 0, seed: int = 0):
-    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    return pixel_table(images, torch.float32, pad)
+    return random_table(n, pad, seed)
 
 
-def _source(table) -> torch.Tensor:
-    """The table's images, (N, 32, 32, 3), unaugmented."""
-    rows = table.pixels.view(table.images * 32 + 1, table.width, 3)[:-1, table.pad : table.pad + 32]
-    return rows.reshape(table.images, 32, 32, 3)
+_source = unaugmented  # the table's images, (N, 32, 32, 3)
 
 
 LABELS = torch.randint(0, 10, (N,), generator=torch.Generator().manual_seed(1))
@@ -142,12 +139,7 @@ def test_reflect_translate_is_torch_reflect_padding_then_a_crop():
     x = table.gather(pixel_indices(table, torch.arange(32), torch.Generator().manual_seed(3), translate=t,
                                    reflect=True))
     padded = F.pad(_source(table).permute(0, 3, 1, 2), (t, t, t, t), mode="reflect").permute(0, 2, 3, 1)
-    shifts = []
-    for i in range(32):
-        matches = [(dy, dx) for dy in range(-t, t + 1) for dx in range(-t, t + 1)
-                   if torch.equal(x[i], padded[i, t + dy : t + dy + 32, t + dx : t + dx + 32])]
-        assert len(matches) == 1, f"image {i} is no reflect-padded shift of its source"
-        shifts.append(matches[0])
+    shifts = shifts_of(x, padded, t)
     assert len(set(shifts)) > 10 and any(dy and dx for dy, dx in shifts)
     with pytest.raises(ValueError, match="at most 31"):
         pixel_indices(table, torch.arange(2), translate=32, reflect=True)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from pixel_tables import random_table, shifts_of, unaugmented
 from conftest import REPO
 from trainer.config import DataConfig
 from trainer.data.cifar10 import read_split
 from trainer.data import build_loaders
 from trainer.distributed import Dist
-from trainer.data.resident import PixelTable, ResidentLoader, epoch_order, pixel_indices, pixel_table
+from trainer.data.resident import ResidentLoader, epoch_order, pixel_indices, pixel_table
 
 TINY = REPO / "jobs/configs/tiny.yaml"  # the CPU recipe: every technique of issue #14 that applies
 SPEED = REPO / "jobs/configs/speed.yaml"
@@ -91,15 +92,8 @@ def test_epoch_order_shards_reshuffles_and_repeats():
     assert sorted(torch.cat(both).tolist()) == list(range(1000))
 
 
-def _images(table: PixelTable) -> torch.Tensor:
-    """All of a table's images, unaugmented, NHWC."""
-    return table.gather(pixel_indices(table, torch.arange(table.images)))
-
-
-def _table(n: int, pad: int = 0) -> PixelTable:
-    """A float32 pixel table of n random images."""
-    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return pixel_table(images, torch.float32, pad)
+_images = unaugmented
+_table = random_table
 
 
 def test_table_holds_the_normalised_images_and_fill():
@@ -140,12 +134,7 @@ def test_translate_shifts_content_and_fills_the_border():
     source = _images(table)
     padded = table.pixels[-1].expand(32, 32 + 2 * t, 32 + 2 * t, 3).clone()
     padded[:, t : t + 32, t : t + 32] = source
-    shifts = []
-    for i in range(32):
-        matches = [(dy, dx) for dy in range(-t, t + 1) for dx in range(-t, t + 1)
-                   if torch.equal(x[i], padded[i, t + dy : t + dy + 32, t + dx : t + dx + 32])]
-        assert len(matches) == 1, f"image {i} is no shift of its source"
-        shifts.append(matches[0])
+    shifts = shifts_of(x, padded, t)
     assert len(set(shifts)) > 10  # drawn from all (2t + 1)^2 shifts
 
 
