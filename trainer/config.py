@@ -41,6 +41,11 @@ class ConfigError(UserError):
 @dataclass
 class DataConfig:
     dir: str = "data/cifar10"  # holds train.beton and test.beton (python -m trainer.data prepare)
+    # What data.dir holds. beton: train.beton and test.beton (python -m trainer.data prepare).
+    # python: CIFAR-10's official "python version" batch files (data_batch_1..5, test_batch,
+    # batches.meta), read without ffcv: the resident loader only; for a machine where ffcv does not
+    # install or import (the GPU check falls back to it).
+    format: Literal["beton", "python"] = "beton"
     # The global batch: each of the N processes trains on batch_size / N images a step (N must divide
     # it), so the recipe trains the same on any number of GPUs; optim.lr is per 256 images of it.
     batch_size: int = 256
@@ -52,7 +57,7 @@ class DataConfig:
     channels_last: bool = True  # NHWC batches: faster convolutions on GPUs and on the CPU
     train_subset: int = 0  # train on the first N images only (0 = all 50,000): smoke runs
     test_subset: int = 0  # evaluate on the first N test images only (0 = all 10,000)
-    # ffcv: decoded and augmented by ffcv's worker threads each epoch (trainer/data/loaders.py).
+    # ffcv: decoded and augmented by ffcv's worker threads each epoch (trainer/data/ffcv_loader.py).
     # resident: the whole set read once onto the training device, augmented there batch-wise with
     # seeded torch ops, so a resumed epoch replays its augmentations too (trainer/data/resident.py).
     loader: Literal["ffcv", "resident"] = "ffcv"
@@ -82,6 +87,8 @@ class DataConfig:
             raise ValueError(f"val_split: must be a multiple of 10 (N/10 images of each class), got {self.val_split}")
         if not 0 <= self.mix_prob <= 1:
             raise ValueError(f"mix_prob: must be in [0, 1], got {self.mix_prob}")
+        if self.format == "python" and self.loader != "resident":
+            raise ValueError("format: python (the batch files, no ffcv) needs data.loader=resident")
         if self.loader != "resident":
             on_device = {"flip_mode": self.flip_mode != "random", "translate_mode": self.translate_mode != "fill",
                          "mixup": self.mixup > 0, "cutmix": self.cutmix > 0}
@@ -124,8 +131,10 @@ class OptimConfig:
     weight_decay: float = 5e-4  # not applied to BatchNorm weights and biases
     label_smoothing: float = 0.1
     # Per-iteration decay after the warmup: cosine, or triangle (linear down to zero; with the linear
-    # warmup the learning rate draws a triangle, as in Page's and airbench's schedules).
-    schedule: Literal["triangle", "cosine"] = "cosine"
+    # warmup the learning rate draws a triangle, as in Page's schedule). airbench: airbench94's own
+    # shape, 0.2 of the peak at the start, the peak at 23% of the steps, 0.07 at the end (linear in
+    # between); it has its warmup built in, so it takes warmup_epochs 0.
+    schedule: Literal["triangle", "cosine", "airbench"] = "cosine"
     warmup_epochs: float = 2.0  # linear warmup from zero, per iteration
     # Learning-rate multiplier of the biases (BatchNorm's included; they have no weight decay):
     # airbench trains them 64x faster than the weights.
@@ -136,6 +145,9 @@ class OptimConfig:
         _non_negative(self, "momentum", "weight_decay", "label_smoothing", "warmup_epochs")
         if self.label_smoothing >= 1:
             raise ValueError("label_smoothing: must be below 1")
+        if self.schedule == "airbench" and self.warmup_epochs:
+            raise ValueError(f"warmup_epochs: schedule airbench has its own warmup (the peak at 23% of the steps); "
+                             f"set optim.warmup_epochs=0, got {self.warmup_epochs:g}")
 
 
 @dataclass
@@ -162,6 +174,10 @@ class TrainConfig:
     # steps, then the total steps are set so that warmup, decay, evaluations and checkpoints end inside
     # it; train.epochs is then only an upper bound. The plan is checkpointed and the same on every rank.
     budget_s: float = 0.0
+    # Evaluate the test (and validation) set, and save the epoch's checkpoints, every this many
+    # epochs; 0 = only once, at the end of the run (airbench evaluates once). The last epoch is always
+    # evaluated, and a stop signal still saves a checkpoint. Early stopping needs 1 (it counts epochs).
+    eval_every: int = 1
     threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
     time_budget_s: float = 0.0  # stop after the epoch that passes this much training time (0 = no limit); the run still ends with its summary
     # Seconds between the ranks' checks for SIGTERM/SIGUSR2 inside an epoch: a stop waits about this
@@ -174,7 +190,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "stop_check_s", "dist_timeout_s")
-        _non_negative(self, "patience", "threads", "time_budget_s", "tta_translate", "lookahead_every", "budget_s")
+        _non_negative(self, "patience", "threads", "time_budget_s", "tta_translate", "lookahead_every", "budget_s",
+                      "eval_every")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
         if not 0 <= self.lookahead_decay < 1:
@@ -185,6 +202,9 @@ class TrainConfig:
             raise ValueError("tta_translate: the shifted views are mirror pairs; set train.tta=true too")
         if self.budget_s and self.patience:
             raise ValueError("patience: must be 0 with train.budget_s (the schedule is fitted to end at the budget)")
+        if self.patience and self.eval_every != 1:
+            raise ValueError(f"eval_every: early stopping (patience {self.patience}) evaluates every epoch; "
+                             f"set train.eval_every=1 or train.patience=0, got {self.eval_every}")
         if self.budget_s and self.time_budget_s:
             raise ValueError("time_budget_s: a cut-off; give either it or train.budget_s, not both")
 

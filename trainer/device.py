@@ -86,3 +86,19 @@ def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work; timing a CUDA call without this measures only its launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def fast_cuda_math() -> None:
+    """The trainer's and the step bench's CUDA settings, set in one place so that their numbers compare.
+
+    TF32 for float32 matrix products and convolutions (cuDNN's default already; matmuls' is off):
+    the tensor cores at ~1e-3 relative rounding, far inside what SGD's noise tolerates, for the
+    float32 parts of a run (fp32 runs, the non-autocast ops of AMP runs). `set_float32_matmul_precision`
+    is the API that torch.compile's inductor reads; mixing it with the newer per-backend
+    `fp32_precision` attributes makes torch refuse to answer which one holds, so only this one is used.
+    cudnn.benchmark: every training batch has the same shape (drop_last) and so has every test
+    batch (evaluation pads the last), so cuDNN's one-off search for the fastest algorithms pays off;
+    it makes results differ from run to run in the last bits (see the resume note in run.py)."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
