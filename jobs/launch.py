@@ -6,7 +6,7 @@
     python jobs/launch.py --arch resnet,vgg_bn --seeds 3 optim.lr=0.05,0.1 train.ema=0,0.999
     python jobs/launch.py --status SWEEP --wait
 
-The logic lives in trainer/launch.py (importable by the jobs themselves); --help lists the options.
+The logic lives in the package trainer/launch/ (importable by the jobs themselves); --help lists the options.
 """
 
 from trainer.launch import main

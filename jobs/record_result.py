@@ -12,7 +12,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from trainer.data.checks import describe_record
 from trainer.run_files import read_metrics
+
+
+def _cell(row: dict, key: str, spec: str) -> str:
+    """`key` of a metrics line, or a dash where the line has none: an epoch train.eval_every did not
+    evaluate has no test figures, a run's end evaluated on its own no training figures."""
+    return format(row[key], spec) if key in row else "-"
 
 
 def main() -> None:
@@ -28,21 +35,22 @@ def main() -> None:
     for name in ("summary.json", "metrics.jsonl", "config.yaml"):
         shutil.copy(args.run_dir / name, args.out / name)
     curve = "\n".join(
-        f"| {m['epoch']} | {m['train_acc']:.2f} | {m['test_acc']:.2f} | {m['epoch_s']:.1f} | {m['elapsed_s']:.0f} |" for m in rows
+        f"| {m['epoch']} | {_cell(m, 'train_acc', '.2f')} | {_cell(m, 'test_acc', '.2f')} | {m['epoch_s']:.1f} "
+        f"| {m['elapsed_s']:.0f} |" for m in rows
     )
     (args.out / "README.md").write_text(f"""# {args.out.name}: {summary['arch']}, best test accuracy {summary['best_test_acc']:.2f}%
 
 - command: `{summary.get('command')}`
 - commit: `{summary['git_sha']}`
 - device: {summary['device']}, world size {summary['world_size']}; torch {summary['torch_version']}
-- data: `{summary['data']['source_dir']}` converted to `{summary['data']['dir']}` (train.beton sha256 `{summary['data']['train_sha256']}`)
+- data: {describe_record(summary['data'])}
 - finished: {summary['finished_at']}
 
 | best test acc % | best epoch | final test acc % | train acc % (best epoch) | gap | epochs | wall time s | params |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | {summary['best_test_acc']:.2f} | {summary['best_epoch']} | {summary['test_acc']:.2f} | {summary['train_acc']:.2f} | {summary['gap']:.2f} | {summary['epochs_run']} | {summary['wall_time_s']:.0f} | {summary['params']:,} |
 
-Per epoch (wall time counts training and evaluation, not start-up):
+Per epoch (wall time counts training and evaluation, not start-up; "-": not evaluated that epoch):
 
 | epoch | train acc % | test acc % | epoch s | elapsed s |
 | --- | --- | --- | --- | --- |

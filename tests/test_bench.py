@@ -2,11 +2,14 @@
 written after every part."""
 
 import json
+import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from trainer.device import cpu_flags, native_bf16_cpu
 
 PROVENANCE = {"command", "git_sha", "device", "torch_version", "data", "date"}
@@ -38,6 +41,7 @@ def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
         assert step[key] > 0, key
     assert step["step_ratio_amp"] == pytest.approx(step["amp"] / step["eager_fp32"])
     assert step["mfu"] is None  # no GPU: no peak to divide by
+    assert step["modes_done"] == ["eager_fp32", "amp", "compiled_amp"] and step["complete"] and step["errors"] == {}
     # The bench says which precision the trainer's train.amp=auto picks on this CPU.
     auto = "bf16" if native_bf16_cpu(cpu_flags()) else "fp32"
     assert result["step_settings"]["amp_auto"] == auto
@@ -73,7 +77,7 @@ def bench_args(tmp_path, monkeypatch):
 def test_bench_keeps_finished_parts_when_a_later_one_fails(bench_args, monkeypatch):
     from trainer.bench import __main__ as bench, loaders, steps
 
-    def step_fails(*args):
+    def step_fails(*args, **kwargs):
         raise RuntimeError("out of time")
 
     monkeypatch.setattr(loaders, "bench_loaders", fake_loader_results)
@@ -117,3 +121,87 @@ def test_mfu_peaks_by_device_name():
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Tesla T4") is None
+
+
+@pytest.mark.slow
+def test_step_rows_reach_the_json_as_measured_and_eager_modes_come_before_any_compile(tmp_path):
+    """A step bench cut off in a compile (the GPU check's stage limit) keeps every architecture's
+    eager fp32 and AMP numbers: they are all measured first and written as each is measured. The
+    step part needs no data: --data names a folder that does not exist."""
+    out = tmp_path / "step.json"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.bench", "--smoke", "--parts", "step", "--archs",
+                             "resnet9_tiny,alexnet", "--data", str(tmp_path / "none"), "--json", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                rows = json.loads(out.read_text()).get("step") or {}
+            except (OSError, ValueError):
+                rows = {}
+            if any("compiled_amp" in r["modes_done"] for r in rows.values()):
+                break  # too late to look: the compiled rows came first (or the first compile was quick)
+            if len(rows) == 2 and all(r["modes_done"] == ["eager_fp32", "amp"] for r in rows.values()):
+                seen = rows
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # as a stage's time limit would, during the first compile
+        output = proc.communicate()[0]
+    assert seen is not None, output[-3000:]
+    for row in seen.values():
+        assert row["eager_fp32"] > 0 and row["amp"] > 0 and row["compiled_amp"] is None and row["compile_s"] is None
+        assert row["step_ratio_amp"] == pytest.approx(row["amp"] / row["eager_fp32"]) and row["step_ratio_compiled_amp"] is None
+        assert row["complete"] is False and row["errors"] == {}
+    result = json.loads(out.read_text())
+    assert result["parts_done"] == [] and result["complete"] is False and result["data"] is None
+
+
+def test_a_failing_mode_is_recorded_and_the_others_go_on(bench_args, monkeypatch):
+    from trainer.bench import __main__ as bench, steps
+
+    calls = []
+
+    def time_steps(arch, device, mode, settings):
+        calls.append((mode, arch))
+        if (arch, mode) == ("alexnet", "compiled_amp"):
+            raise RuntimeError("inductor: out of resources\nsecond line")
+        return {"images_per_s": {"eager_fp32": 100.0, "amp": 150.0, "compiled_amp": 300.0}[mode],
+                "compile_s": 12.0 if mode == "compiled_amp" else None}
+
+    monkeypatch.setattr(steps, "time_steps", time_steps)
+    args, out = bench_args("--parts", "step", "--archs", "efficientnet,alexnet")
+    assert bench.run(args) == 1  # a failed mode fails the command, after everything else was measured
+    # eager and AMP of every architecture first; then the compiles, the fewest modules first
+    assert calls == [("eager_fp32", "efficientnet"), ("eager_fp32", "alexnet"), ("amp", "efficientnet"), ("amp", "alexnet"),
+                     ("compiled_amp", "alexnet"), ("compiled_amp", "efficientnet")]
+    result = json.loads(out.read_text())
+    assert result["parts_done"] == ["step"] and result["complete"] is True
+    eff, alex = result["step"]["efficientnet"], result["step"]["alexnet"]
+    assert eff["complete"] and eff["step_ratio_compiled_amp"] == 3.0 and eff["compile_s"] == 12.0
+    assert alex["modes_done"] == ["eager_fp32", "amp"] and not alex["complete"] and alex["compiled_amp"] is None
+    assert alex["errors"] == {"compiled_amp": "RuntimeError: inductor: out of resources"}
+
+
+@pytest.mark.gpu
+def test_step_bench_measures_under_the_trainers_cuda_math(bench_args, monkeypatch):
+    """TF32 and cudnn.benchmark, as trainer.device.fast_cuda_math sets them for training runs."""
+    from trainer.bench import __main__ as bench, steps
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # put back after the test
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    precision = torch.get_float32_matmul_precision()
+    seen = []
+
+    def time_steps(arch, device, mode, settings):
+        seen.append((device.type, torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()))
+        return {"images_per_s": 1.0, "compile_s": 0.0}
+
+    monkeypatch.setattr(steps, "time_steps", time_steps)
+    args, _ = bench_args("--parts", "step", "--device", "cuda")
+    try:
+        assert bench.run(args) == 0
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert seen and set(seen) == {("cuda", True, "high")}

@@ -56,6 +56,18 @@ def test_fit_takes_the_most_steps_whose_steps_evaluations_and_checkpoints_fit():
     assert budget.evaluations(250, 2, 100) == 1 and budget.evaluations(30, 0, 100) == 1
 
 
+def test_fit_counts_evaluations_only_at_the_epochs_eval_every_evaluates():
+    # train.eval_every=3 in a plan of 10 epochs: epochs 3, 6 and 9, and the plan's end.
+    assert budget.evaluations(1000, 0, 100, eval_every=3) == 4
+    assert budget.evaluations(1000, 4, 100, eval_every=3) == 3  # 6, 9, the end
+    assert budget.evaluations(1000, 0, 100, eval_every=0) == 1  # the end only
+    args = dict(budget_s=61.0, elapsed_s=5.0, step=10, epochs_done=0, steps_per_epoch=100, max_steps=10_000,
+                step_s=0.1, eval_s=2.0, checkpoint_s=0.5, margin=3.05)
+    # One evaluation (2.5 s) in all instead of 5: 4 x 2.5 s more for steps, 100 of them.
+    assert budget.fit_steps(**args, eval_every=0) == 514
+    assert budget.fit_steps(**args, eval_every=1) == budget.fit_steps(**args) == 414
+
+
 def test_warmup_is_at_most_a_fifth_of_the_plan():
     assert budget.warmup_steps(2.0, 100, 10_000) == 200
     assert budget.warmup_steps(2.0, 100, 40) == 8
@@ -165,3 +177,18 @@ def test_budget_shorter_than_an_epoch_ends_mid_epoch_with_that_partial_epoch_eva
     assert f"(partial: {row['steps']} of 500 steps)" in r.stdout and "budget plan done" in r.stdout
     last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
     assert (last["epoch"], last["epoch_step"], last["global_step"]) == (1, 0, row["steps"])
+
+
+@pytest.mark.slow
+def test_budget_run_with_eval_every_0_evaluates_only_the_plans_end(beton_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    # 3 steps an epoch: several epochs even where a loaded machine makes the steps slow.
+    r = trainer(*budget_run(beton_dir, "data.train_subset=60", "data.batch_size=20", "train.epochs=500",
+                            "train.budget_s=10", "train.eval_every=0"), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "budget plan done" in r.stdout, r.stdout
+    rows = metrics(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(rows) >= 2 and sum(m["steps"] for m in rows) == summary["budget"]["fitted_steps"], r.stdout
+    assert [("test_acc" in m) for m in rows] == [False] * (len(rows) - 1) + [True]
+    assert summary["test_acc"] == rows[-1]["test_acc"] and summary["best_epoch"] == len(rows)

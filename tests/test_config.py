@@ -110,7 +110,7 @@ def test_shipped_configs_load_and_cover_every_architecture():
     from trainer import models
 
     # Configs beyond one per architecture, and the architecture each one trains.
-    extra = {"tiny.yaml": "resnet9_tiny", "speed.yaml": "resnet9"}
+    extra = {"tiny.yaml": "resnet9_tiny", "speed.yaml": "airbench94", "speed-resnet9.yaml": "resnet9"}
     own = set()  # architectures with a config named after them
     for path in sorted((REPO / "jobs/configs").glob("*.yaml")):
         if path.name == "base.yaml":

@@ -172,3 +172,42 @@ def test_error_on_rank_0_only_ends_every_rank_long_before_the_timeout(beton_dir,
     assert "checkpoints" not in error_lines(err1)[0]  # the cause is named once, by the rank that met it
     assert "Traceback" not in err0 + err1
     assert abs(t1 - t0) < 30 < timeout_s, (t0, t1)
+
+
+# ---- torch.compile under DDP ------------------------------------------------------------------------
+
+
+def _compiled_ddp_backward(rank: int, port: int, calls) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from trainer.models import build
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        def backend(gm, example_inputs):  # counts the graphs handed to the compiler
+            calls.append(len(gm.graph.nodes))
+            return gm.forward
+
+        torch.manual_seed(0)
+        model = build("resnet9_tiny")  # 1.6 MB of weights: two buckets of 1 MB
+        # The trainer's order: the module compiled, then wrapped.
+        net = DDP(torch.compile(model, backend=backend), bucket_cap_mb=1)
+        net(torch.randn(4, 3, 32, 32)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_compiled_module_under_ddp_is_split_at_the_buckets():
+    """The trainer compiles the module and wraps it in DDP (trainer.py): dynamo still sees DDP's forward
+    active and its DDPOptimizer cuts the graph at the bucket boundaries, one compiled piece per
+    bucket, so each bucket's all-reduce can start while the backward computes the earlier layers."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        calls = manager.list()
+        mp.spawn(_compiled_ddp_backward, args=(free_port(), calls), nprocs=2)
+        assert len(calls) == 2 * 2, list(calls)  # two pieces on each rank

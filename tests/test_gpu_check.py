@@ -1,15 +1,19 @@
-"""The GPU check (jobs/gpu_check/): the data pack, run.sh's record of a run, and — slow or needing the
-built .kit — the full-size round trip and run.sh end to end on the CPU."""
+"""The GPU check (jobs/gpu_check/): the data pack, the time plan, run.sh's record of a run, and — slow —
+the full-size round trip and run.sh end to end on the CPU against the device tool's output contract,
+with ffcv and without it, on a kit built here (a pack of the synthetic CIFAR-10, no wheels)."""
 
 import json
 import os
 import pickle
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -20,7 +24,10 @@ CHECK = REPO / "jobs/gpu_check"
 # process pools pickle functions by module name: import them by their own names.
 sys.path.insert(0, str(CHECK))
 import pack_data  # noqa: E402
+import plan  # noqa: E402
 import unpack_data  # noqa: E402
+
+ALLOWED_OUT = {"summary.md", "results.json", "provenance.json", "run.log", "results.tar.gz"}
 
 
 @pytest.fixture(scope="module")
@@ -137,72 +144,148 @@ def test_budget_profile_resolves_as_run_sh_runs_it(beton_dir):
         assert cfg.train.compile is False and cfg.data.loader == "resident" and cfg.logging.mode == "disabled"
 
 
-def _run_folder(folder: Path, arch: str, accs: list[float], summary: dict | None) -> None:
-    """A run folder as the trainer leaves it: config.yaml, one metrics line per epoch, summary.json at the end."""
+# ---- the time plan ------------------------------------------------------------------------------
+
+
+def test_the_plan_fits_the_device_command_even_when_every_stage_runs_to_its_limit():
+    assert plan.TOTAL_S <= 480
+    assert plan.worst_case_s() <= plan.TOTAL_S
+    assert list(plan.FIXED_S) == ["install", "preflight", "unpack", "prepare", "gpu-tests", "speed"]
+    assert plan.FIXED_S["preflight"] <= 30 and plan.FIXED_S["gpu-tests"] <= 45
+    # the sweep's limit when everything before it used its whole limit, and the step bench's after it
+    left = plan.TOTAL_S - sum(plan.FIXED_S.values()) - plan.BOOKKEEPING_S
+    s = plan.sweep(left, jobs=7, cpu=False)
+    assert s["limit_s"] >= plan.SWEEP_MIN_S and s["budget_s"] == plan.MIN_JOB_BUDGET_S and s["budget_cut"]
+    assert plan.report(left - s["limit_s"], cpu=False) == 0  # a sweep cut off then: its report would eat the bench's time
+    assert plan.step(left - s["limit_s"], cpu=False) >= plan.STEP_MIN_S
+    assert plan.sweep(plan.STEP_MIN_S + plan.WRAP_UP_S + 20, jobs=7, cpu=False)["limit_s"] == 0  # too little: skipped
+    assert sum(plan.FIXED_S.values()) + plan.BOOKKEEPING_S + s["limit_s"] + plan.STEP_MIN_S + plan.WRAP_UP_S <= plan.TOTAL_S
+
+
+def test_the_sweep_budget_is_the_time_left_at_most_the_profiles():
+    assert plan.profile_budget() == 60  # jobs/profiles.yaml's budget profile
+    s = plan.sweep(337, jobs=7, cpu=False)
+    assert s["limit_s"] == 337 - plan.STEP_MIN_S - plan.WRAP_UP_S
+    assert s["budget_s"] == (s["limit_s"] - plan.REPORT_S) // 7 - plan.JOB_START_S and s["budget_cut"]
+    roomy = plan.sweep(2000, jobs=2, cpu=False)
+    assert roomy["budget_s"] == 60 and not roomy["budget_cut"]
+    cpu = plan.sweep(0, jobs=1, cpu=True, budget=8)  # --cpu: no deadline, the budget given
+    assert (cpu["limit_s"], cpu["budget_s"], cpu["budget_cut"]) == (plan.CPU_LIMIT_S, 8, True)
+    r = subprocess.run([sys.executable, str(CHECK / "plan.py"), "--shell"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "PLAN_TOTAL_S=480" in r.stdout and "LIMIT_GPU_TESTS=45" in r.stdout
+
+
+# ---- summarize.py -----------------------------------------------------------------------------------
+
+
+def _run_folder(folder: Path, arch: str, accs: list[float], summary: dict | None, epochs: int = 150) -> None:
+    """A run folder as the trainer leaves it: config.yaml, one metrics line per evaluation, summary.json at the end."""
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"model: {{arch: {arch}}}\ntrain: {{epochs: 150}}\n")
+    (folder / "config.yaml").write_text(f"model: {{arch: {arch}}}\ntrain: {{epochs: {epochs}}}\n")
     rows = [{"epoch": i + 1, "test_acc": a, "elapsed_s": 5.0 * (i + 1), "images_per_s": 1000.0 + i} for i, a in enumerate(accs)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not None:
         (folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_summarize_reports_each_part_and_what_did_not_finish(tmp_path):
-    """A run cut off in the sweep: two step-bench files (one finished, one started), two speed seeds,
-    a sweep with one finished job, one unfinished and one not started."""
+def _summarize(out: Path, keep: Path, kit: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHECK / "summarize.py"), str(out), "--keep", str(keep), "--command", "run.sh OUT",
+                           "--started", "now", "--kit", str(kit), *extra], capture_output=True, text=True, timeout=300)
+
+
+def test_summarize_reports_each_part_what_was_cut_off_and_a_cut_budget(tmp_path):
+    """A run cut off in the step bench (after eager and AMP of both architectures, one compile): a speed run,
+    a sweep whose budget was cut below the profile's with one finished job, one unfinished, one not started."""
     from trainer import provenance
 
-    out = tmp_path / "out"
-    (out / "step").mkdir(parents=True)
-    stages = tmp_path / "stages.tsv"
-    stages.write_text("install\t0\t3\t\nstep-alexnet\t0\t20\t\nstep-resnet\t124\t45\ttimed out after 45 s\nsweep\t124\t190\t"
-                      "timed out after 190 s\n")
-    row = {"eager_fp32": 5000.0, "amp": 9000.0, "compiled_amp": 12000.0, "step_ratio_amp": 1.8,
-           "step_ratio_compiled_amp": 2.4, "compile_s": 21.5, "mfu": 0.31}
-    header = {"device": "NVIDIA H100", "torch_version": "2.11", "step_settings": {"batch": 256, "steps": 10, "amp_dtype": "bfloat16"}}
-    (out / "step" / "alexnet.json").write_text(json.dumps({**header, "parts_done": ["step"], "complete": True,
-                                                           "step": {"alexnet": row}}))
-    (out / "step" / "resnet.json").write_text(json.dumps({**header, "parts_done": [], "complete": False}))  # cut off
-    done = {"test_acc": 93.5, "best_test_acc": 93.6, "best_epoch": 9, "epochs_run": 10, "params": 6.5e6, "wall_time_s": 20.0,
-            "budget": None}
-    _run_folder(out / "speed" / "s0", "resnet9", [80.0, 94.2, 93.5], {**done, "test_acc": 93.5})
-    _run_folder(out / "speed" / "s1", "resnet9", [81.0], None)
-    sweep = out / "sweep"
-    sweep.mkdir()
-    (sweep / "sweep.json").write_text(json.dumps({"sweep": "gpu-check-x", "profile": "budget", "overrides": ["train.budget_s=23"],
-                                                  "archs": ["alexnet", "mobilenet", "vgg_bn"],
-                                                  "runs": [{"name": a, "arch": a} for a in ("alexnet", "mobilenet", "vgg_bn")]}))
-    budget = {"budget_s": 23.0, "used_s": 22.1, "within_budget": True, "fitted_epochs": 4.5}
-    _run_folder(sweep / "alexnet", "alexnet", [50.0, 61.25], {**done, "test_acc": 61.25, "best_test_acc": 61.25,
-                                                              "best_epoch": 2, "epochs_run": 2, "budget": budget})
-    _run_folder(sweep / "mobilenet", "mobilenet", [40.0], None)
-    kit = tmp_path / "kit"
+    out, keep, kit = tmp_path / "out", tmp_path / "keep", tmp_path / "kit"
+    out.mkdir()
     (kit / "wheels").mkdir(parents=True)
     (kit / "wheels" / "x-1.0-py3-none-any.whl").write_bytes(b"wheel")
-    r = subprocess.run([sys.executable, str(CHECK / "summarize.py"), str(out), "--command", "run.sh OUT", "--started", "now",
-                        "--exit-code", "1", "--stages", str(stages), "--kit", str(kit), "--sweep", str(sweep)],
-                       capture_output=True, text=True, timeout=300)
+    keep.mkdir()
+    (keep / "stages.tsv").write_text("install\t0\t3\t\npreflight\t0\t9\t\nprepare\t0\t0\tskipped: ffcv does not import here\n"
+                                     "gpu-tests\t0\t20\t\nspeed\t0\t70\t\nsweep\t124\t190\ttimed out after 190 s\n"
+                                     "step\t124\t60\ttimed out after 60 s\n")
+    (keep / "plan.json").write_text(json.dumps(plan.plan(cpu=False)))
+    (keep / "preflight.json").write_text(json.dumps({"python": "3.12.3", "torch_version": "2.11.0", "cuda": "12.8", "device": "NVIDIA H100 80GB HBM3",
+                                                     "memory_gib": 79.1, "capability": "9.0", "bf16": True, "ffcv": {"ok": False, "error": "ImportError: x"},
+                                                     "submitit": {"ok": True}, "pytest": {"ok": True}}))
+    (keep / "data.json").write_text(json.dumps({"path": "batch files, no ffcv", "dir": "/w/cifar-10-batches-py", "why": "ffcv does not import here"}))
+    (keep / "gpu-tests.txt").write_text("..s\nFAILED tests/test_x.py::test_y - boom\n==== 1 failed, 2 passed, 1 skipped, 30 deselected in 4.10s ====\n")
+    row = {"eager_fp32": 5000.0, "amp": 9000.0, "compiled_amp": 12000.0, "step_ratio_amp": 1.8, "step_ratio_compiled_amp": 2.4,
+           "compile_s": 21.5, "mfu": 0.31, "modes_done": ["eager_fp32", "amp", "compiled_amp"], "complete": True, "errors": {}}
+    cut = {**row, "compiled_amp": None, "step_ratio_compiled_amp": None, "compile_s": None, "mfu": None,
+           "modes_done": ["eager_fp32", "amp"], "complete": False}
+    (keep / "step.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "torch_version": "2.11.0", "parts_done": [],
+                                                "complete": False, "step_settings": {"batch": 256, "steps": 10, "amp_dtype": "bfloat16"},
+                                                "step": {"alexnet": row, "efficientnet": cut}}))
+    done = {"test_acc": 93.5, "best_test_acc": 93.6, "best_epoch": 9, "epochs_run": 10, "params": 2.0e6, "wall_time_s": 20.0, "budget": None}
+    _run_folder(keep / "speed" / "s0", "airbench94", [94.2], {**done, "test_acc": 94.2}, epochs=10)
+    sweep = keep / "runs" / "gpu-check-x"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"sweep": "gpu-check-x", "profile": "budget", "overrides": ["train.budget_s=19"],
+                                                  "archs": ["alexnet", "mobilenet", "vgg_bn"],
+                                                  "runs": [{"name": a, "arch": a, "point": None, "seed": None, "overrides": []}
+                                                           for a in ("alexnet", "mobilenet", "vgg_bn")]}))
+    (keep / "sweep-plan.json").write_text(json.dumps(plan.sweep(200, jobs=3, cpu=False)))
+    budget = {"budget_s": 19.0, "used_s": 18.1, "within_budget": True, "fitted_epochs": 4.5}
+    _run_folder(sweep / "alexnet", "alexnet", [61.25], {**done, "test_acc": 61.25, "best_test_acc": 61.25, "best_epoch": 4,
+                                                        "epochs_run": 4, "params": 3.2e6, "budget": budget})
+    (sweep / "alexnet" / "last.pt").write_bytes(b"\0" * 4096)  # a checkpoint: never in the tarball
+    _run_folder(sweep / "mobilenet", "mobilenet", [], None)
+
+    r = _summarize(out, keep, kit)
     assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "results.json", "summary.md"]  # no tarball before the end
+    res = json.loads((out / "results.json").read_text())
+    assert res["running"] and res["exit_code"] is None
+    assert res["data"]["path"] == "batch files, no ffcv"
+    assert res["step"]["part_finished"] is False and res["step"]["rows"]["efficientnet"]["modes_done"] == ["eager_fp32", "amp"]
+    assert res["speed"][0]["seed"] == 0 and res["speed"][0]["test_acc"] == 94.2 and res["speed"][0]["time_to_target_s"] == 5.0
+    sw = res["sweep"]
+    assert sw["budget_s"] == 19 and sw["profile_budget_s"] == 60 and sw["budget_cut"]
+    assert [(x["name"], x["finished"]) for x in sw["rows"]] == [("alexnet", True), ("mobilenet", False), ("vgg_bn", False)]
+    assert res["gpu_tests"]["counts"] == {"failed": 1, "passed": 2, "skipped": 1, "deselected": 30}
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check\n\nrun.sh still running")
+    assert "budget cut to 19 s per network (profile: 60 s): these are not the budget profile's numbers" in summary.lower()
+    assert "data path: **batch files, no ffcv (data.format=python, resident loader)** (ffcv does not import here)" in summary
+    assert "| alexnet | 61.25 | 61.25 (4) | 4 / 150 | 19 / 18 | 4.5 | 3.2 | 1,000 |" in summary
+    assert "Not finished: mobilenet (0 evaluations logged, no summary.json); vgg_bn (not started)" in summary
+    assert "| 0 | airbench94 | 94.20 | 10 | 20.0 | 5.0 (epoch 1) |" in summary
+    assert "**cut off: the rows below are what it measured**" in summary
+    assert "| efficientnet | 5,000 | 9,000 | - | - | - | - | eager_fp32, amp |" in summary
+    assert "| alexnet | 5,000 | 9,000 | 12,000 | 2.40 | 21.5 | 31% | all |" in summary
+    assert "gpu-marked tests: exit 0, 1 failed, 2 passed, 1 skipped, 30 deselected in 4.10s; FAILED tests/test_x.py::test_y - boom" in summary
+    assert "| sweep | 124 | 190 |  | timed out after 190 s |" in summary and "| total | | 352 | 480 | |" in summary
+    assert len(summary) < 8000
     p = json.loads((out / "provenance.json").read_text())
-    assert p["code"]["git_sha"] == provenance.git_sha() and p["command"] == "run.sh OUT" and p["exit_code"] == 1
-    assert p["stages"][2] == {"stage": "step-resnet", "exit_code": 124, "seconds": 45, "note": "timed out after 45 s"}
-    assert p["software"]["torch_probe"]["torch"] and list(p["wheels_sha256"]) == ["x-1.0-py3-none-any.whl"]
-    summary = (out / "summary.md").read_text()
-    assert "stages that failed or timed out: step-resnet, sweep" in summary
-    assert "| alexnet | 5,000 | 9,000 | 12,000 | 2.40x | 21.5 | 31% |" in summary
-    assert "Started but not finished (time limit or failure; see run.log): resnet" in summary
-    assert "| s0 | 93.50 | 10 | 20.0 | 10.0 (epoch 2) |" in summary and "| s1 | unfinished (1 epochs logged) |" in summary
-    assert "Mean final test accuracy over 1 finished run(s): 93.50%" in summary
-    assert "| alexnet | 61.25 | 61.25 | 2 | 2 / 150 | 23 / 22 | 4.5 |" in summary
-    assert "| mobilenet | 40.00 (unfinished) |" in summary
-    assert "Not finished: mobilenet (1 epochs logged, no summary.json); vgg_bn (not started)" in summary
-    # A snapshot between parts (no exit code yet) says the run is still going.
-    r = subprocess.run([sys.executable, str(CHECK / "summarize.py"), str(out), "--command", "run.sh OUT", "--started", "now",
-                        "--stages", str(stages), "--kit", str(kit), "--sweep", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=300)
+    assert p["code"]["git_sha"] == provenance.git_sha() and p["command"] == "run.sh OUT" and p["finished"] is None
+    assert list(p["wheels_sha256"]) == ["x-1.0-py3-none-any.whl"] and p["software"]["preflight"]["device"].startswith("NVIDIA")
+
+    # The end: the tarball (no checkpoint), the exit code.
+    r = _summarize(out, keep, kit, "--exit-code", "1", "--final")
     assert r.returncode == 0, r.stderr
-    summary = (out / "summary.md").read_text()
-    assert "run.sh still running" in summary and "(no sweep folder)" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "results.json", "results.tar.gz", "summary.md"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["exit_code"] == 1 and not res["running"]
+    assert res["tarball"]["left_out"] == ["runs/gpu-check-x/alexnet/last.pt (4,096 bytes: a checkpoint)"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "results/step.json" in names and "results/runs/gpu-check-x/alexnet/summary.json" in names and len(names) == res["tarball"]["files"]
+    assert not any(n.endswith(".pt") for n in names)
+    assert "run.sh exit code 1; stages that failed or timed out: sweep, step" in (out / "summary.md").read_text()
+
+
+def test_summarize_says_so_when_the_budget_is_the_profiles(tmp_path):
+    keep, kit = tmp_path / "keep", tmp_path / "kit"
+    keep.mkdir()
+    (kit / "wheels").mkdir(parents=True)
+    (keep / "sweep-plan.json").write_text(json.dumps(plan.sweep(2000, jobs=7, cpu=False)))
+    r = _summarize(tmp_path, keep, kit)
+    assert r.returncode == 0, r.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Budget per network: 60 s, the profile's own." in summary and "cut" not in summary.lower().split("## budget sweep")[1].split("##")[0]
 
 
 def test_run_sh_without_a_kit_fails_early_and_still_writes_its_files(tmp_path):
@@ -211,56 +294,144 @@ def test_run_sh_without_a_kit_fails_early_and_still_writes_its_files(tmp_path):
     r = subprocess.run([str(CHECK / "run.sh"), "--cpu", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 1
     assert "run jobs/gpu_check/build.sh here first" in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "run.log", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(ALLOWED_OUT)
     summary = (out / "summary.md").read_text()
-    assert "## Provenance" in summary and "(no stages recorded)" in summary and "(no sweep folder)" in summary
+    assert r.stdout.endswith(summary)
+    assert "(no stages recorded)" in summary and "(no sweep)" in summary and "(no speed run)" in summary
     assert subprocess.run([str(CHECK / "run.sh")], capture_output=True, text=True).returncode == 2  # no OUT
 
 
-@pytest.mark.slow
-def test_full_pack_is_bit_identical_to_the_shared_copy(real_cifar_source, tmp_path):
-    """All 60,000 images (minutes on 2 cores): unpack(pack(x)) == x, read by read_split."""
-    from trainer.data.cifar10 import read_split
-
-    record = pack_data.pack(real_cifar_source, tmp_path / "cifar10.pack")
-    assert record["fidelity"]["lossless"] and record["images"] == 60_000
-    assert record["bytes"] < 30 * 2**20  # the device tool carries 64 MiB in all
-    result = unpack_data.unpack(tmp_path / "cifar10.pack", tmp_path / "out")
-    assert result["exact"] and result["images_differing"] == 0
-    for split in ("train", "test"):
-        mine, theirs = read_split(tmp_path / "out", split), read_split(real_cifar_source, split)
-        assert np.array_equal(mine.images, theirs.images) and np.array_equal(mine.labels, theirs.labels)
+# ---- run.sh end to end on the CPU ------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (REPO / ".kit/cifar10.pack").is_file() or not list((REPO / ".kit/wheels").glob("ffcv-*.whl")),
-                    reason="needs the built .kit: run jobs/gpu_check/build.sh first")
-def test_run_sh_cpu_end_to_end(tmp_path):
-    """install, unpack + prepare, the step bench, a speed run, a two-network budget sweep, report, OUT's files."""
+@pytest.fixture(scope="module")
+def mini_kit(tmp_path_factory) -> Path:
+    """A kit as build.sh makes it, small: the pack of a synthetic CIFAR-10 of 300 images a batch, and a
+    wheels folder without wheels (this Python has the packages)."""
+    from conftest import write_synthetic_cifar10
+
+    kit = tmp_path_factory.mktemp("kit")
+    source = write_synthetic_cifar10(tmp_path_factory.mktemp("source") / "cifar-10-batches-py", per_batch=300)
+    pack_data.pack(source, kit / "cifar10.pack", workers=2)
+    (kit / "wheels").mkdir()
+    return kit
+
+
+def run_check(kit: Path, tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
-    env = {**os.environ, "KIT_WORK": str(tmp_path / "work"), "PYTHON": os.environ.get("KIT_TEST_PYTHON", sys.executable),
-           # the step bench on the smallest network: compiling each of the seven on 2 cores takes minutes
-           "KIT_BENCH_ARGS": "--smoke", "KIT_STEP_ARCHS": "resnet9_tiny", "KIT_ARCHS": "alexnet,mobilenet"}
-    r = subprocess.run([str(CHECK / "run.sh"), "--cpu", str(out)], capture_output=True, text=True, timeout=1800, env=env)
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert sorted(p.name for p in out.iterdir()) == ["provenance.json", "report.md", "run.log", "speed", "step", "summary.md",
-                                                    "sweep", "sweep.tar.gz"]
-    p = json.loads((out / "provenance.json").read_text())
-    assert [s["stage"] for s in p["stages"]] == ["install", "preflight", "unpack", "prepare", "step-resnet9_tiny", "speed-s0",
-                                                 "sweep"]
-    assert all(s["exit_code"] == 0 for s in p["stages"])
-    assert p["data"]["unpacked"]["exact"] and p["data"]["pack"]["fidelity"]["lossless"]
-    assert p["software"]["packages"]["ffcv"] == "1.0.2" and p["code"]["git_sha"]
-    bench = json.loads((out / "step" / "resnet9_tiny.json").read_text())
-    assert bench["complete"] and bench["parts_done"] == ["step"] and list(bench["step"]) == ["resnet9_tiny"]
-    for arch in ("alexnet", "mobilenet"):
-        # the sweep's jobs were fitted to the budget run.sh gave them, and their files were copied as they ended
-        s = json.loads((out / "sweep" / arch / "summary.json").read_text())
-        assert s["budget"]["budget_s"] == 8 and s["budget"]["fitted_steps"] > 0
-    assert json.loads((out / "speed" / "s0" / "summary.json").read_text())["epochs_run"] == 1
-    assert json.loads((out / "sweep" / "sweep.json").read_text())["profile"] == "budget"
+    env = {**os.environ, "KIT_DIR": str(kit), "KIT_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           # the smallest networks and bench: the path, not the numbers
+           "KIT_ARCHS": "alexnet", "KIT_STEP_ARCHS": "resnet9_tiny", "KIT_BENCH_ARGS": "--smoke", "KIT_TIME_BUDGET": "6", **env}
+    r = subprocess.run([str(CHECK / "run.sh"), "--cpu", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    return r, out
+
+
+def assert_contract(r: subprocess.CompletedProcess, out: Path) -> tuple[dict, str]:
+    """What the device tool brings back: at most 6 files, flat, named as agreed, each within 16 MiB, and the
+    output's tail is summary.md itself."""
+    files = list(out.iterdir())
+    assert len(files) <= 6 and all(p.is_file() for p in files), files
+    assert {p.name for p in files} == ALLOWED_OUT
+    assert all(p.stat().st_size <= 16 * 2**20 for p in files)
     summary = (out / "summary.md").read_text()
-    assert "| alexnet |" in summary and "| mobilenet |" in summary and "every stage exited 0" in summary and "run.sh exit code 0" in summary
-    assert "| resnet9_tiny |" in summary and "| s0 |" in summary and "Not finished" not in summary and "Started but not finished" not in summary
-    listing = subprocess.run(["tar", "tzf", str(out / "sweep.tar.gz")], capture_output=True, text=True).stdout
-    assert "alexnet/summary.json" in listing and "mobilenet/metrics.jsonl" in listing and ".pt" not in listing
+    assert r.stdout.endswith(summary) and len(summary) < 8000
+    assert r.stdout[: -len(summary)].rstrip().splitlines()[-1].startswith("[check")  # nothing between the log and it
+    return json.loads((out / "results.json").read_text()), summary
+
+
+@pytest.mark.slow
+def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
+    """install (no wheels: skipped), preflight, unpack + prepare, the gpu tests (skipped here), the speed run,
+    a one-network budget sweep with its report, the step bench last; OUT as the device tool returns it."""
+    r, out = run_check(mini_kit, tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:]
+    res, summary = assert_contract(r, out)
+    stages = [(s["stage"], s["exit_code"]) for s in res["stages"]]
+    assert stages == [("install", 0), ("preflight", 0), ("unpack", 0), ("prepare", 0), ("gpu-tests", 0), ("speed", 0),
+                      ("sweep", 0), ("step", 0)]
+    assert res["stages"][0]["note"].startswith("skipped: the kit has no wheels")
+    assert res["preflight"]["ffcv"]["ok"] and res["data"]["path"] == "ffcv .beton"
+    assert res["gpu_tests"]["exit_code"] == 0 and res["gpu_tests"]["summary_line"]  # without CUDA they skip
+    assert res["speed"][0]["finished"] and res["speed"][0]["epochs_run"] == 1
+    sweep = res["sweep"]
+    assert sweep["profile"] == "budget" and sweep["budget_s"] == 6 and sweep["profile_budget_s"] == 60 and sweep["budget_cut"]
+    assert sweep["rows"][0]["name"] == "alexnet" and sweep["rows"][0]["finished"] and sweep["rows"][0]["budget_s"] == 6
+    assert sweep["report_md"]
+    assert res["step"]["part_finished"] and res["step"]["rows"]["resnet9_tiny"]["complete"]
+    assert res["plan"]["total_s"] is None and res["exit_code"] == 0 and not res["running"]
+    assert "run.sh exit code 0; every stage exited 0" in summary and "data path: **ffcv .beton**" in summary
+    assert "budget cut to 6 s per network (profile: 60 s)" in summary.lower()
+    assert "| alexnet |" in summary and "| resnet9_tiny |" in summary and "Not finished" not in summary
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert "results/step.json" in names and "results/speed/s0/summary.json" in names and "results/gpu-tests.txt" in names
+    assert any(n.endswith("alexnet/metrics.jsonl") for n in names) and any(n.endswith("/report.md") for n in names)
+    assert not any(n.endswith(".pt") for n in names)
+    p = json.loads((out / "provenance.json").read_text())
+    assert p["data"]["unpacked"]["exact"] and p["data"]["pack"]["fidelity"]["lossless"] and p["code"]["git_sha"]
+
+
+@pytest.mark.slow
+def test_run_sh_cpu_without_ffcv_trains_on_the_batch_files(mini_kit, tmp_path):
+    """ffcv that does not import (here: hidden by a package that raises ImportError, which every process of
+    the run inherits through PYTHONPATH): no prepare, and the speed run and the sweep read the unpacked
+    batch files with the resident loader."""
+    hidden = tmp_path / "hide-ffcv" / "ffcv"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("ffcv hidden by the test")\n')
+    path = os.pathsep.join([str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    r, out = run_check(mini_kit, tmp_path, PYTHONPATH=path, KIT_SKIP="gpu-tests,step")  # those two read no data
+    assert r.returncode == 0, r.stdout[-4000:]
+    res, summary = assert_contract(r, out)
+    assert res["preflight"]["ffcv"] == {"ok": False, "error": "ImportError: ffcv hidden by the test",
+                                        "seconds": res["preflight"]["ffcv"]["seconds"]}
+    prepare = next(s for s in res["stages"] if s["stage"] == "prepare")
+    assert prepare["note"].startswith("skipped: ffcv does not import here")
+    assert res["data"]["path"] == "batch files, no ffcv" and res["data"]["dir"].endswith("cifar-10-batches-py")
+    assert "data path: **batch files, no ffcv (data.format=python, resident loader)**" in summary
+    assert res["speed"][0]["finished"] and res["sweep"]["rows"][0]["finished"]
+    for run in (tmp_path / "work/keep/speed/s0", next((tmp_path / "work/keep/runs").glob("*/alexnet"))):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["data"]["format"] == "python" and cfg["data"]["loader"] == "resident"
+    assert not (tmp_path / "work/data").exists()  # no .beton was written
+
+
+@pytest.mark.slow
+def test_run_sh_stopped_in_the_step_bench_keeps_its_eager_rows(mini_kit, tmp_path):
+    """run.sh stopped (TERM, as a device tool's limit would) while the step bench compiles: the eager and
+    AMP rows measured so far are in results.json and summary.md, the stage is recorded as cut off, and
+    the output still ends with summary.md."""
+    hidden = tmp_path / "hide-ffcv" / "ffcv"  # no prepare: the quickest way to the bench
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("ffcv hidden by the test")\n')
+    out, step_json = tmp_path / "out", tmp_path / "work/keep/step.json"
+    env = {**os.environ, "KIT_DIR": str(mini_kit), "KIT_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join([str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "KIT_SKIP": "gpu-tests,speed,sweep", "KIT_STEP_ARCHS": "resnet9_tiny,alexnet", "KIT_BENCH_ARGS": "--smoke"}
+    proc = subprocess.Popen([str(CHECK / "run.sh"), "--cpu", str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                rows = json.loads(step_json.read_text()).get("step") or {}
+            except (OSError, ValueError):
+                rows = {}
+            if len(rows) == 2 and all("amp" in r["modes_done"] for r in rows.values()):
+                break
+            time.sleep(0.1)
+        proc.terminate()
+        stdout = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stdout[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["exit_code"] == 143 and res["stages"][-1]["stage"] == "step"
+    assert res["stages"][-1]["note"] == "cut off: run.sh was stopped"
+    assert not res["step"]["part_finished"]
+    for row in res["step"]["rows"].values():
+        assert row["eager_fp32"] > 0 and row["amp"] > 0
+    summary = (out / "summary.md").read_text()
+    assert stdout.endswith(summary) and "**cut off: the rows below are what it measured**" in summary
+    assert "stages that failed or timed out: step" in summary
+    assert {p.name for p in out.iterdir()} == ALLOWED_OUT

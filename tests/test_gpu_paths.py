@@ -125,14 +125,35 @@ def test_evaluation_pads_the_short_last_batch_and_counts_only_real_images(cpu_tr
     assert padded == pytest.approx(unpadded, rel=1e-4)
 
 
+@pytest.fixture
+def math_flags():
+    """Puts back the process-wide math flags a test (or the trainer it builds) changes."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved[1:]
+
+
+def test_fast_cuda_math_turns_on_tf32_and_cudnn_search(math_flags):
+    from trainer.device import fast_cuda_math
+
+    fast_cuda_math()
+    assert torch.get_float32_matmul_precision() == "high"  # TF32 matmuls (inductor reads this one too)
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+
+
 @pytest.mark.gpu
-def test_training_steps_on_cuda_make_no_host_sync(beton_dir, tmp_path):
+def test_training_steps_on_cuda_make_no_host_sync(beton_dir, tmp_path, math_flags):
     from trainer.training.trainer import Trainer
 
     device = torch.device("cuda", 0)
     cfg = load_config(TINY, [f"data.dir={beton_dir}", *SMALL_RUN, "data.loader=resident", "train.compile=false"])
     trainer = Trainer(cfg, tmp_path, Dist(0, 0, 1, device))
-    assert torch.backends.cudnn.benchmark
+    # The trainer's CUDA math is the step bench's (device.fast_cuda_math): TF32 and cuDNN's search.
+    assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
     batches = iter(trainer.train_loader)
     trainer._step(trainer.compiled, *next(batches))
     torch.cuda.synchronize()

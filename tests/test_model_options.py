@@ -84,9 +84,10 @@ def test_whitening_is_a_frozen_buffer_with_a_trainable_bias() -> None:
     torch.testing.assert_close(copy.eval()(x), net.eval()(x))
 
 
-def test_whiten_parameter_counts_are_the_documented_ones() -> None:
-    doc = sys.modules[models.spec("resnet9").constructor.__module__].__doc__ or ""
-    for name in ("resnet9", "resnet9_tiny"):
+@pytest.mark.parametrize("names", [("resnet9", "resnet9_tiny"), ("airbench94",)])
+def test_whiten_parameter_counts_are_the_documented_ones(names: tuple[str, ...]) -> None:
+    doc = sys.modules[models.spec(names[0]).constructor.__module__].__doc__ or ""
+    for name in names:
         params = count_params(models.build(name, whiten=True))
         assert f"{params:,}" in doc
         assert params != count_params(models.build(name))
@@ -194,10 +195,55 @@ def test_dirac_init_refused_without_3x3_convs() -> None:
         options.build(ModelConfig(arch="mobilenet", dirac_init=True))
 
 
+# --- airbench94 with the speed profile's options -------------------------------------
+
+
+def test_airbench94_takes_every_option_of_the_speed_profile() -> None:
+    cfg = ModelConfig(arch="airbench94", whiten=True, activation="gelu", bn_momentum=0.4, bn_eps=1e-12,
+                      bn_frozen_scale=True, dirac_init=True)
+    torch.manual_seed(0)
+    net = options.build(cfg)
+    images = _correlated_images(32)
+    whitening.fit(net, images)
+
+    # whiten: the stem is the fitted whitening layer (its outputs' patch covariance the identity).
+    stem = net.features[0]
+    assert isinstance(stem, PatchWhitening) and "features.0.weight" not in dict(net.named_parameters())
+    whitened = F.conv2d(images, stem.weight[:12])
+    torch.testing.assert_close(_patch_covariance(whitened), torch.eye(12, dtype=torch.float64), atol=2e-2, rtol=0)
+    # gelu: its own activation, left as it is (7 GELUs: the stem's and two per group).
+    assert sum(isinstance(m, nn.GELU) for m in net.modules()) == 7
+    assert not any(isinstance(m, nn.ReLU) for m in net.modules())
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 6
+    for norm in norms:
+        assert norm.momentum == 0.4 and norm.eps == 1e-12 and not norm.weight.requires_grad
+    # dirac: all six 3x3 convs (the whitening stem is no conv to skip) start as identities on their
+    # first in_channels filters.
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    for conv in convs:
+        k = conv.in_channels
+        assert torch.equal(conv.weight[:k], nn.init.dirac_(torch.empty_like(conv.weight[:k])))
+    _one_train_step(net)
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+
+
+def test_airbench94_without_whitening_trains_its_stem() -> None:
+    net = options.build(ModelConfig(arch="airbench94", dirac_init=True))
+    stem = net.features[0]
+    assert isinstance(stem, nn.Conv2d) and stem.weight.requires_grad and stem.kernel_size == (2, 2)
+    assert not torch.equal(stem.weight[:3], nn.init.dirac_(torch.empty_like(stem.weight[:3])))  # first layer: skipped
+    with pytest.raises(ValueError, match="no PatchWhitening"):
+        whitening.fit(net, _correlated_images(4))
+
+
 # --- options and the registry -------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "option"), [("alexnet", {"whiten": True}), ("resnet9", {"output_stride": 8})])
+@pytest.mark.parametrize(("name", "option"), [("alexnet", {"whiten": True}), ("resnet9", {"output_stride": 8}),
+                                              ("airbench94", {"output_stride": 8})])
 def test_an_unsupported_option_is_refused_by_name(name: str, option: dict[str, object]) -> None:
     with pytest.raises(UserError) as excinfo:
         models.build(name, **option)

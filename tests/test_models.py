@@ -27,7 +27,7 @@ EXPECTED_SEED = {
     "mobilenet_big": "MobileNetBig",
     "efficientnet": "EfficientNet",
 }
-EXPECTED_EXTRA = {"efficientnet_b0", "resnet9", "resnet9_tiny"}
+EXPECTED_EXTRA = {"airbench94", "efficientnet_b0", "resnet9", "resnet9_tiny"}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,35 @@ def test_num_classes_is_passed_through() -> None:
     model = models.build("resnet9", num_classes=100).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_airbench94_is_the_papers_network() -> None:
+    """airbench94.py's layout (arXiv 2404.00498): a 2x2 unpadded stem of 24 channels with bias and a
+    GELU, three conv groups of 64, 256, 256 (conv, pool, BN, GELU, conv, BN, GELU), max-pool 3, a
+    bias-free linear layer, logits x 1/9; 1.97 M parameters."""
+    net = models.build("airbench94", whiten=True)
+    stem, act, *groups, pool = net.features
+    assert isinstance(act, nn.GELU) and isinstance(pool, nn.MaxPool2d) and pool.kernel_size == 3
+    assert (stem.weight.shape, stem.bias.shape) == ((24, 3, 2, 2), (24,))
+    kinds = [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.GELU, nn.Conv2d, nn.BatchNorm2d, nn.GELU]
+    for group, (c_in, c_out) in zip(groups, [(24, 64), (64, 256), (256, 256)], strict=True):
+        assert [type(m) for m in group] == kinds
+        conv1, conv2 = group[0], group[4]
+        for conv, fan_in in ((conv1, c_in), (conv2, c_out)):
+            assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding, conv.bias) == (
+                fan_in, c_out, (3, 3), (1, 1), None)
+        assert group[1].kernel_size == 2 and group[2].num_features == group[5].num_features == c_out
+    assert (net.fc.in_features, net.fc.out_features, net.fc.bias) == (256, 10, None)
+    assert not any(isinstance(m, nn.ReLU) for m in net.modules())
+    x = torch.randn(2, 3, 32, 32)
+    assert net.features[:2](x).shape == (2, 24, 31, 31)  # no padding: 31 -> 15 -> 7 -> 3 -> 1
+    assert net.features(x).shape == (2, 256, 1, 1)
+    with torch.no_grad():
+        net.eval()
+        torch.testing.assert_close(net(x), net.fc(net.features(x).flatten(1)) / 9)
+    print(f"airbench94: {count_params(net):,} parameters (whitened), "
+          f"{count_params(models.build('airbench94')):,} with a trained stem")
+    assert count_params(net) == 1_972_504 and abs(count_params(net) / 1e6 - 1.97) < 0.01
 
 
 # --- every network ------------------------------------------------------------------

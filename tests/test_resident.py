@@ -244,12 +244,12 @@ def test_speed_profile_runs_one_epoch_on_a_subset(beton_dir, tmp_path):
     from trainer.config import load_config
 
     cfg = load_config(SPEED)
-    assert cfg.model.arch == "resnet9" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.lookahead_every
+    assert cfg.model.arch == "airbench94" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.lookahead_every
     run_dir = tmp_path / "speed"
     r = _trainer("--config", str(SPEED), "--run-dir", str(run_dir), f"data.dir={beton_dir}", "data.train_subset=128",
                  "data.test_subset=128", "data.batch_size=64", "train.epochs=1", "logging.mode=disabled",
                  "logging.log_every=1")
     assert r.returncode == 0, r.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs_run"] == 1 and summary["arch"] == "resnet9"
+    assert summary["epochs_run"] == 1 and summary["arch"] == "airbench94"
     assert np.isfinite([m["train_loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]).all()

@@ -82,3 +82,30 @@ def test_should_stop_leaves_the_progress_alone():
     before = replace(progress)
     should_stop(progress, CFG, stop_after_epoch=1, signum=signal.SIGTERM)
     assert progress == before
+
+
+def test_eval_every_evaluates_its_epochs_and_every_end_of_the_run():
+    from trainer.training.budget import Plan
+    from trainer.training.stopping import evaluates
+
+    every2 = TrainConfig(epochs=5, patience=0, eval_every=2)
+    assert [evaluates(Progress(epoch=e), every2) for e in range(1, 6)] == [False, True, False, True, True]
+    once = replace(every2, eval_every=0)  # only the run's end
+    assert [evaluates(Progress(epoch=e), once) for e in range(1, 6)] == [False, False, False, False, True]
+    # Whatever ends the run: its time budget passed, its budget plan done.
+    assert evaluates(Progress(epoch=2, elapsed_s=30.0), replace(once, time_budget_s=30.0))
+    assert not evaluates(Progress(epoch=2, elapsed_s=29.9), replace(once, time_budget_s=30.0))
+    plan = Plan(budget_s=60.0, calibrated_at=10, step_s=0.1, eval_s=1.0, checkpoint_s=0.1, margin_s=2.0,
+                total_steps=250, epochs=2.5, images_per_s=1000.0)
+    assert evaluates(Progress(epoch=3, global_step=250, plan=plan), replace(once, budget_s=60.0))
+    assert not evaluates(Progress(epoch=2, global_step=200, plan=plan), replace(once, budget_s=60.0))
+    # A pause is no end: the paused epoch is saved (last.pt), not evaluated.
+    assert not evaluates(Progress(epoch=1), once)
+    with pytest.raises(ValueError, match="eval_every: early stopping"):
+        TrainConfig(patience=3, eval_every=2)
+
+
+def test_old_checkpoints_evaluated_every_epoch():
+    state = Progress(epoch=4, global_step=40).to_dict()
+    del state["evaluated_epoch"], state["last_train_acc"]  # a checkpoint from before train.eval_every
+    assert Progress.from_dict(state).evaluated_epoch == 4

@@ -210,3 +210,37 @@ def test_evaluate_pads_every_view_to_pad_to():
     plain = evaluate(Probe(), batches, True, None, tta_translate=1)
     assert padded == pytest.approx(plain)
     assert padded != pytest.approx(evaluate(Probe(), batches, True, None))  # the shifted views count
+
+
+class DtypeProbe(nn.Module):
+    """Records the dtype of every view it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dtypes: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.dtypes.append(x.dtype)
+        return self.conv(x).mean((2, 3))
+
+
+def test_shifted_views_keep_the_input_dtype_under_autocast():
+    """Autocast runs reflect padding in float32: without a cast back, the 4 shifted views of a bf16
+    batch reach the network as float32, and a compiled network traces a second graph for them."""
+    from torch._dynamo.utils import counters
+
+    x = _images(4, 8).to(torch.bfloat16)
+    net = DtypeProbe()
+    predict(net, x, True, torch.bfloat16, tta_translate=1)
+    assert net.dtypes == [torch.bfloat16] * 6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shift(x, 1, 1).dtype == torch.bfloat16 and shift(x.float(), 1, 1).dtype == torch.float32
+
+    torch._dynamo.reset()
+    counters.clear()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    compiled = torch.compile(plain, backend="eager")  # dynamo's graphs without inductor's time
+    with torch.no_grad():
+        predict(compiled, x, True, torch.bfloat16, tta_translate=1)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -62,7 +62,7 @@ def test_report_run_has_interactive_charts_and_one_command_syncs_the_sweep(train
 
 
 def test_launcher_status_shows_where_each_run_is_on_wandb(trained_tiny_run, tmp_path):
-    from trainer.launch import _wandb_link
+    from trainer.launch.status import _wandb_link
 
     record = json.loads((trained_tiny_run / "wandb.json").read_text())
     assert _wandb_link(trained_tiny_run) == f"offline: {record['offline_dir']}"

@@ -103,8 +103,10 @@ class ModelConfig:
     # Options of the architecture (null/false = as the architecture is defined); an architecture that
     # lacks one refuses it by name (trainer/models/options.py says which has what).
     output_stride: int | None = None  # MobileNets/EfficientNet: 16 (2x2 final maps) or 8 (one stride-2 stage at stride 1)
-    whiten: bool = False  # ResNet-9s: a frozen 2x2 patch-whitening first layer (airbench), fitted to the training images
-    activation: Literal["relu", "gelu"] = "relu"  # gelu: every ReLU replaced by a GELU (airbench)
+    # ResNet-9s, airbench94: a frozen 2x2 patch-whitening first layer (airbench), fitted to the training images
+    whiten: bool = False
+    # gelu: every ReLU replaced by a GELU (airbench); relu: as the architecture defines it (airbench94 is GELU throughout)
+    activation: Literal["relu", "gelu"] = "relu"
     bn_momentum: float | None = None  # BatchNorm running-statistics momentum (torch's convention; null: 0.1)
     bn_eps: float | None = None  # BatchNorm epsilon (null: 1e-5)
     bn_frozen_scale: bool = False  # BatchNorm scales fixed at 1, only the biases learn (airbench)
@@ -136,8 +138,9 @@ class OptimConfig:
     # between); it has its warmup built in, so it takes warmup_epochs 0.
     schedule: Literal["triangle", "cosine", "airbench"] = "cosine"
     warmup_epochs: float = 2.0  # linear warmup from zero, per iteration
-    # Learning-rate multiplier of the biases (BatchNorm's included; they have no weight decay):
-    # airbench trains them 64x faster than the weights.
+    # Learning-rate multiplier of the BatchNorm biases (found by module type; other biases, such as the
+    # whitening layer's, keep optim.lr): airbench trains them 64x faster than the weights. A network
+    # without BatchNorm refuses it (trainer/training/optim.py).
     bias_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:

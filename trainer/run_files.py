@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
+
+from trainer import UserError
 
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -20,7 +23,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 WANDB = "wandb.json"  # the run's W&B id, mode and URL (or offline folder), for --status and the sweep's sync
-REPLACED = ".replaced-"  # --restart renames the old run folder <dir>.replaced-<time>, never deletes it
+REPLACED = ".replaced-"  # --restart and the launcher's --force rename the old folder <dir>.replaced-<time>
 RESTART_HINT = f"to start this run over deliberately, add --restart (the old folder is kept as <dir>{REPLACED}<time>)"
 
 
@@ -54,3 +57,25 @@ def read_metrics(path: str | os.PathLike, skipped: list[str] | None = None) -> l
         else:
             skipped.append(f"{path}: line {number} {problem}")
     return rows
+
+
+def aside_path(run_dir: Path) -> Path:
+    """The free name a run folder is moved aside to, never deleted: <dir>.replaced-<time>, with -2,
+    -3... when a folder replaced within the same second holds that name."""
+    run_dir = Path(run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        aside = run_dir.with_name(f"{run_dir.name}{REPLACED}{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            return aside
+    raise UserError(f"{run_dir}: too many replaced copies named {aside.name}")
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Renames `run_dir` to its aside_path; where it went, or None if there was no such folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    kept = aside_path(run_dir)
+    run_dir.rename(kept)
+    return kept

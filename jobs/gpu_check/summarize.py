@@ -1,16 +1,24 @@
-"""The GPU check's record of a run: provenance.json (what code, data, software and device it used)
-and summary.md (stages, the step bench, the speed runs, the sweep's results, provenance in brief),
-both in OUT.
+"""The GPU check's record of a run, in OUT: results.json (every number), summary.md (the same,
+compact, for the device tool's output tail), provenance.json, and with --final results.tar.gz.
 
-    python jobs/gpu_check/summarize.py OUT --command CMD --started T [--exit-code N] --stages TSV \
-        [--kit .kit] [--unpack-record F] [--data-dir D] [--sweep SWEEP_DIR]
+    python jobs/gpu_check/summarize.py OUT --keep KEEP --command CMD --started T [--exit-code N] [--final] \
+        [--kit .kit] [--unpack-record F] [--data-dir D]
 
-run.sh calls it after each part (without --exit-code: the run is still going) and last, after
-whatever failed, so it tolerates anything missing and says what is there and what is not. It needs
-the standard library and this repository on the path; torch is asked in a child process, so a
-broken install is reported, not fatal. The parts are read where run.sh leaves them: OUT/step/ARCH.json
-(trainer.bench), OUT/speed/sN/ and the sweep folder (run folders: summary.json, metrics.jsonl,
-config.yaml), OUT/report.md.
+run.sh calls it after the preflight, the data and each part (without --exit-code: the run is still
+going) and last, after whatever failed, so it tolerates anything missing and says what is there and
+what is not. It needs the standard library, PyYAML and this repository on the path, not torch (the
+device facts come from run.sh's preflight.json). It reads what run.sh leaves in KEEP:
+
+    stages.tsv        stage, exit code, seconds, note
+    plan.json         jobs/gpu_check/plan.py --json;  sweep-plan.json: the sweep's budget and limit
+    preflight.json    python, torch, CUDA, device, which packages import
+    data.json         the data path the runs took ("ffcv .beton" or "batch files, no ffcv")
+    gpu-tests.txt     pytest's output
+    speed/s0/         the speed run's folder;  runs/<sweep>/: the sweep (its run folders, sweep.json, report.md)
+    step.json         python -m trainer.bench --parts step --json, written as each row is measured
+
+--final packs KEEP, small files first and without checkpoints, into OUT/results.tar.gz within 16 MiB
+(what the device tool brings back of one file); what did not fit is listed in results.json.
 """
 
 from __future__ import annotations
@@ -20,17 +28,26 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
+import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
-from trainer import provenance
+from trainer import provenance, sweep_file
 from trainer.files import write_text_atomic
 from trainer.run_files import CONFIG, SUMMARY, read_metrics
+
+TARBALL = "results.tar.gz"
+TAR_LIMIT = 16 * 2**20  # the device tool's limit for one file
+LEFT_OUT = (".pt", ".safetensors", ".ckpt", ".pkl")  # checkpoints: too big, and nothing to read
+SPEED_TARGET = 94.0
+DATA_NOTE = {"ffcv .beton": "ffcv .beton", "batch files, no ffcv": "batch files, no ffcv (data.format=python, resident loader)"}
+
 
 def _load(path: Path | str | None):
     try:
@@ -41,191 +58,295 @@ def _load(path: Path | str | None):
 
 def _metrics(run: Path) -> list[dict]:
     try:
-        return read_metrics(run)
+        return read_metrics(run, skipped=[])
     except (OSError, ValueError):
         return []
 
 
-def _epochs_set(run: Path) -> int | None:
+def _config(run: Path) -> dict:
     try:
-        return yaml.safe_load((run / CONFIG).read_text())["train"]["epochs"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return yaml.safe_load((run / CONFIG).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _get(d: dict, *keys):
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def _fmt(value, spec: str = ".2f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+# ---- what the run left ------------------------------------------------------------------------------
+
+
+def read_stages(path: Path) -> list[dict]:
+    stages = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                name, rc, seconds, *note = line.split("\t")
+                stages.append({"stage": name, "exit_code": int(rc), "seconds": int(seconds), "note": note[0] if note else ""})
+    return stages
+
+
+def run_row(run: Path) -> dict:
+    """One run folder's numbers: its summary.json if it finished, else what metrics.jsonl holds."""
+    s, m, cfg = _load(run / SUMMARY), _metrics(run), _config(run)
+    budget = (s or {}).get("budget") or {}
+    row = {"name": run.name, "arch": _get(cfg, "model", "arch"), "finished": s is not None,
+           "epochs_set": _get(cfg, "train", "epochs"), "epochs_logged": len(m),
+           "test_acc": s["test_acc"] if s else (m[-1].get("test_acc") if m else None),
+           "best_test_acc": (s or {}).get("best_test_acc"), "best_epoch": (s or {}).get("best_epoch"),
+           "epochs_run": (s or {}).get("epochs_run"), "params": (s or {}).get("params"),
+           "wall_time_s": (s or {}).get("wall_time_s"), "images_per_s": m[-1].get("images_per_s") if m else None,
+           "budget_s": budget.get("budget_s"), "used_s": budget.get("used_s"),
+           "within_budget": budget.get("within_budget"), "fitted_epochs": budget.get("fitted_epochs")}
+    hit = next((r for r in m if (r.get("test_acc") or 0) >= SPEED_TARGET), None)
+    row["time_to_target_s"], row["target_epoch"] = (hit["elapsed_s"], hit["epoch"]) if hit else (None, None)
+    return row
+
+
+def speed_results(keep: Path) -> list[dict]:
+    folder = keep / "speed"
+    runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.is_dir() else []
+    return [{"seed": int(r.name[1:]) if r.name[1:].isdigit() else r.name, **run_row(r)} for r in runs]
+
+
+def sweep_results(keep: Path) -> dict | None:
+    sweeps = sorted(p for p in (keep / "runs").iterdir() if p.is_dir()) if (keep / "runs").is_dir() else []
+    plan = _load(keep / "sweep-plan.json")
+    if not sweeps and not plan:
         return None
+    folder = sweeps[-1] if sweeps else None
+    try:  # a sweep cut off before its sweep.json was written is still reported from its run folders
+        record = sweep_file.read(folder) if folder else None
+    except sweep_file.SweepFileError:
+        record = None
+    names = [j.name for j in record.runs] if record else []
+    if folder:
+        names = list(dict.fromkeys([*names, *sorted(p.name for p in folder.iterdir() if (p / CONFIG).exists())]))
+    rows = []
+    for name in names:
+        run = folder / name
+        rows.append(run_row(run) if run.is_dir() else {"name": name, "arch": name, "finished": False, "started": False})
+    profile, given = (plan or {}).get("profile_budget_s"), (plan or {}).get("budget_s")
+    return {"name": record.sweep if record else folder.name if folder else None,
+            "profile": record.profile if record else None, "overrides": record.overrides if record else None,
+            "budget_s": given, "profile_budget_s": profile,
+            "budget_cut": given is not None and profile is not None and given < profile, "limit_s": (plan or {}).get("limit_s"),
+            "rows": rows, "report_md": bool(folder and (folder / "report.md").is_file())}
 
 
-_TORCH_PROBE = """
-import json, torch
-info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    info.update(device=torch.cuda.get_device_name(0), device_count=torch.cuda.device_count(),
-                memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
-                cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported())
-print(json.dumps(info))
-"""
+def step_results(keep: Path) -> dict | None:
+    data = _load(keep / "step.json")
+    if data is None:
+        return None
+    return {"device": data.get("device"), "torch_version": data.get("torch_version"), "settings": data.get("step_settings"),
+            "part_finished": "step" in (data.get("parts_done") or []), "rows": data.get("step") or {},
+            "wall_s": data.get("wall_s"), "command": data.get("command")}
 
 
-def software() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("torch", "torchvision", "numpy", "numba", "llvmlite", "pillow", "opencv-python-headless", "opencv-python",
-                 "ffcv", "submitit", "pytorch-pfn-extras", "fastargs", "terminaltables", "assertpy", "pyyaml", "tqdm", "wandb"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    r = subprocess.run([sys.executable, "-c", _TORCH_PROBE], capture_output=True, text=True, timeout=120)
-    torch_info = json.loads(r.stdout) if r.returncode == 0 else {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-    smi = None
-    try:
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=30)
-        smi = q.stdout.strip() if q.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"python": sys.version.split()[0], "python_executable": sys.executable, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "nvidia_smi": smi, "torch_probe": torch_info, "packages": versions}
+def gpu_test_results(keep: Path, stages: list[dict]) -> dict | None:
+    stage = next((s for s in stages if s["stage"] == "gpu-tests"), None)
+    if stage is None:
+        return None
+    text = (keep / "gpu-tests.txt").read_text(errors="replace") if (keep / "gpu-tests.txt").is_file() else ""
+    # pytest's last line: "2 passed, 1 skipped, 30 deselected in 4.1s"
+    last = next((ln.strip("= ") for ln in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error|deselected)", ln)), None)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", last or "")}
+    failures = [ln.strip() for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    return {"exit_code": stage["exit_code"], "note": stage["note"], "summary_line": last, "counts": counts, "failures": failures[:20]}
 
 
-def provenance_lines(p: dict | None) -> list[str]:
-    if not p:
-        return ["- provenance.json: missing"]
-    sw = p.get("software") or {}
-    probe = sw.get("torch_probe") or {}
-    pk = sw.get("packages") or {}
-    device = probe.get("device") or sw.get("nvidia_smi") or ("CPU (" + str(sw.get("cpu_count")) + " cores)")
-    lines = [f"- command: `{p.get('command')}`, started {p.get('started')}, finished {p.get('finished')} on {p.get('host')}",
-             f"- device: {device}" + (f" ({probe.get('memory_gib')} GiB, capability {probe.get('capability')}; nvidia-smi: {sw.get('nvidia_smi')})" if probe.get("device") else ""),
-             f"- software: Python {sw.get('python')}, torch {probe.get('torch', pk.get('torch'))} (CUDA {probe.get('cuda')}, cuDNN {probe.get('cudnn')}), "
-             f"torchvision {pk.get('torchvision')}, numpy {pk.get('numpy')}, numba {pk.get('numba')}, ffcv {pk.get('ffcv')} (built by jobs/offline/build.sh), submitit {pk.get('submitit')}"]
-    code = p.get("code") or {}
-    if code.get("git_sha"):
-        differing = code.get("files_differing_from_stamp")
-        lines.append(f"- code: {code['git_sha']}" + (f" (stamped {code['stamp_git_sha']}; files differing from the stamp: "
-                                                     f"{', '.join(differing) or 'none'})" if code.get("stamp_git_sha") else ""))
-    else:
-        lines.append("- code: unknown: no .git and no trainer/_stamp.json (run jobs/gpu_check/build.sh and carry the stamp)")
-    data = p.get("data") or {}
-    pack, unpacked, prepared = data.get("pack") or {}, data.get("unpacked") or {}, data.get("prepared") or {}
-    fid = pack.get("fidelity") or {}
-    if fid:
-        packed = ("lossless: all {:,} images bit-identical".format(fid.get("images", 0)) if fid.get("lossless") else
-                  f"mean abs error {fid.get('mean_abs_error')}, max {fid.get('max_abs_error')}, PSNR {fid.get('psnr_db')}")
-        here = ("bit-identical to the packed source (CRC-32 and SHA-256 checked)" if unpacked.get("exact") else
-                f"{unpacked.get('images_differing')} images differ from the packed source (decoder: {unpacked.get('decoder')})" if unpacked else "not unpacked")
-        lines.append(f"- data: CIFAR-10 from the check's pack ({pack.get('bytes', 0) / 2**20:.1f} MiB, sha256 {str(pack.get('sha256'))[:16]}), a transport "
-                     f"re-encoding (JPEG q75 4:2:0 + corrections) of the project's shared copy, which is itself JPEG-derived from CIFAR-10 "
-                     f"(mean abs error 5.81 vs the original on 4,000 images). Pack vs shared copy, measured at packing: {packed}. Unpacked here: {here}.")
-    else:
-        lines.append("- data: no pack record")
-    outputs = prepared.get("outputs") if isinstance(prepared, dict) else None
-    if outputs:
-        lines.append("- .beton: " + ", ".join(f"{k} sha256 {v.get('sha256', '')[:16]}" for k, v in outputs.items()))
-    return lines
+def pack_results(keep: Path, out: Path) -> dict:
+    """OUT/results.tar.gz: KEEP's files, small first, without checkpoints, while their tar size (an
+    upper bound of the compressed one, plus gzip's few bytes a block) stays within 16 MiB."""
+    files = sorted((p for p in keep.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: (p.stat().st_size, str(p)))
+    bound, taken, left_out = 10 * 1024, [], []  # tar's end blocks and gzip's header
+    for path in files:
+        rel = path.relative_to(keep)
+        size = path.stat().st_size
+        cost = 512 + -(-size // 512) * 512  # a header block, the data padded to blocks
+        if path.suffix in LEFT_OUT:
+            left_out.append(f"{rel} ({size:,} bytes: a checkpoint)")
+        elif bound + cost * 1.001 > TAR_LIMIT:
+            left_out.append(f"{rel} ({size:,} bytes: over the 16 MiB limit)")
+        else:
+            bound += cost * 1.001 + 64
+            taken.append((path, rel))
+    tmp = out / f".{TARBALL}"
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for path, rel in taken:
+            tar.add(path, arcname=f"results/{rel}", recursive=False)
+    os.replace(tmp, out / TARBALL)
+    return {"file": TARBALL, "bytes": (out / TARBALL).stat().st_size, "files": len(taken), "left_out": left_out}
 
 
-def stage_table(p: dict | None) -> list[str]:
-    stages = (p or {}).get("stages") or []
-    if not stages:
+def collect(args: argparse.Namespace) -> dict:
+    keep = args.keep
+    stages = read_stages(keep / "stages.tsv")
+    return {
+        "what": "results of jobs/gpu_check/run.sh",
+        "command": args.command, "started": args.started,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exit_code": args.exit_code, "running": args.exit_code is None,
+        "plan": _load(keep / "plan.json"),
+        "stages": stages,
+        "preflight": _load(keep / "preflight.json"),
+        "data": _load(keep / "data.json"),
+        "gpu_tests": gpu_test_results(keep, stages),
+        "speed": speed_results(keep),
+        "sweep": sweep_results(keep),
+        "step": step_results(keep),
+    }
+
+
+# ---- summary.md ---------------------------------------------------------------------------------------
+
+
+def budget_line(sweep: dict) -> str:
+    given, profile = sweep.get("budget_s"), sweep.get("profile_budget_s")
+    if given is None:
+        return "Budget per network: not recorded."
+    if sweep.get("budget_cut"):
+        return (f"**Budget cut to {given:g} s per network (profile: {profile:g} s): these are not the budget "
+                f"profile's numbers.**")
+    return f"Budget per network: {given:g} s, the profile's own."
+
+
+def verdict(r: dict) -> str:
+    failed = [s["stage"] for s in r["stages"] if s["exit_code"] != 0]
+    head = "run.sh still running (a snapshot)" if r["running"] else f"run.sh exit code {r['exit_code']}"
+    tail = "every stage exited 0" if r["stages"] and not failed else f"stages that failed or timed out: {', '.join(failed) or 'none recorded'}"
+    return f"{head}; {tail}"
+
+
+def device_line(pre: dict | None) -> str:
+    if not pre:
+        return "device: unknown (no preflight record)"
+    dev = pre.get("device") or "CPU, no CUDA"
+    extra = f", {pre.get('memory_gib')} GiB, capability {pre.get('capability')}, bf16 {pre.get('bf16')}" if pre.get("device") else ""
+    imports = ", ".join(f"{k} {'ok' if _get(pre, k, 'ok') else 'FAILS'}" for k in ("ffcv", "submitit", "pytest") if k in pre)
+    return (f"device: {dev}{extra}; Python {pre.get('python')}, torch {pre.get('torch_version')} (CUDA {pre.get('cuda')}); "
+            f"imports: {imports}")
+
+
+def data_line(data: dict | None) -> str:
+    if not data:
+        return "data path: none (the pack was not unpacked)"
+    why = f" ({data['why']})" if data.get("why") else ""
+    return f"data path: **{DATA_NOTE.get(data.get('path'), data.get('path'))}**{why}"
+
+
+def stage_lines(r: dict) -> list[str]:
+    if not r["stages"]:
         return ["(no stages recorded)"]
-    lines = ["| stage | exit | seconds | note |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s['stage']} | {s['exit_code']} | {s['seconds']} | {s.get('note', '')} |" for s in stages]
-    lines.append(f"| **total** | | {sum(s['seconds'] for s in stages)} | |")
+    limits = _get(r, "plan", "limits_s") or {}
+    lines = ["| stage | exit | s | limit s | note |", "|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['exit_code']} | {s['seconds']} | {limits.get(s['stage'], '')} | {s['note']} |" for s in r["stages"]]
+    total = _get(r, "plan", "total_s")
+    lines.append(f"| total | | {sum(s['seconds'] for s in r['stages'])} | {total or 'none (--cpu)'} | |")
     return lines
 
 
-def _budget_cells(s: dict) -> str:
-    b = s.get("budget")
-    if not b:
-        return "- | -"
-    return f"{b['budget_s']:g} / {b['used_s']:.0f}{'' if b.get('within_budget') else ' (over)'} | {b['fitted_epochs']:.1f}"
+def speed_lines(r: dict) -> list[str]:
+    if not r["speed"]:
+        return ["(no speed run)"]
+    lines = [f"jobs/configs/speed.yaml; time to {SPEED_TARGET:g}% counts training, evaluation and compiling", "",
+             "| seed | arch | final test acc % | epochs | training s | time to target s |", "|---|---|---|---|---|---|"]
+    for x in r["speed"]:
+        to = f"{x['time_to_target_s']:.1f} (epoch {x['target_epoch']})" if x["time_to_target_s"] is not None else "not reached"
+        if x["finished"]:
+            lines.append(f"| {x['seed']} | {x['arch']} | {x['test_acc']:.2f} | {x['epochs_run']} | {_fmt(x['wall_time_s'], '.1f')} | {to} |")
+        else:
+            lines.append(f"| {x['seed']} | {x['arch']} | unfinished ({x['epochs_logged']} evaluations logged) | - | - | {to} |")
+    return lines
 
 
-def sweep_table(sweep: Path | None) -> list[str]:
-    if not sweep or not sweep.is_dir():
-        return ["(no sweep folder)"]
-    record = _load(sweep / "sweep.json") or {}
-    archs = [r.get("name", r.get("arch")) for r in record.get("runs", [])] or record.get("archs") or []
-    archs = list(dict.fromkeys([*archs, *sorted(p.name for p in sweep.iterdir() if (p / CONFIG).exists())]))
-    lines = [f"Sweep `{record.get('sweep', sweep.name)}`, profile `{record.get('profile')}`, overrides: "
-             f"`{' '.join(record.get('overrides', []))}`", "",
-             "| arch | final test acc % | best test acc % | best epoch | epochs run / set | budget s / used s | fitted epochs "
-             "| params M | training s | img/s, last epoch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    missing = []
-    results = []
-    for arch in archs:
-        run = sweep / arch
-        s = _load(run / SUMMARY)
-        m = _metrics(run)
-        epochs = _epochs_set(run)
-        ips = f"{m[-1]['images_per_s']:,.0f}" if m else "-"
-        if s is None:
-            last = f"{m[-1]['test_acc']:.2f} (unfinished)" if m else "-"
-            missing.append(f"{arch} ({len(m)} epochs logged, no {SUMMARY})" if run.is_dir() else f"{arch} (not started)")
-            results.append((-1, f"| {arch} | {last} | - | - | {len(m)} / {epochs} | - | - | - | - | {ips} |"))
+def sweep_lines(r: dict) -> list[str]:
+    sw = r["sweep"]
+    if not sw:
+        return ["(no sweep)"]
+    head = (f"Sweep `{sw['name']}`, profile `{sw['profile']}`, {len(sw['rows'])} job(s), {sw['limit_s']} s in all."
+            if sw["name"] else f"The launcher wrote no sweep folder ({sw['limit_s']} s given; see run.log).")
+    lines = [head, "", budget_line(sw), "",
+             "| arch | final test acc % | best % (epoch) | epochs run / set | budget s / used s | fitted epochs | params M | img/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    missing, rows = [], []
+    for x in sw["rows"]:
+        if not x.get("finished"):
+            missing.append(f"{x['name']} ({x['epochs_logged']} evaluations logged, no {SUMMARY})" if x.get("started", True) else f"{x['name']} (not started)")
+            if x.get("started", True):
+                rows.append((-1, f"| {x['name']} | {_fmt(x['test_acc'])} (unfinished) | - | - / {x['epochs_set']} | - | - | - | {_fmt(x['images_per_s'], ',.0f')} |"))
             continue
-        results.append((s["test_acc"], f"| {arch} | {s['test_acc']:.2f} | {s['best_test_acc']:.2f} | {s['best_epoch']} | "
-                                       f"{s['epochs_run']} / {epochs} | {_budget_cells(s)} | "
-                                       f"{s['params'] / 1e6:.1f} | {s['wall_time_s']:.0f} | {ips} |"))
-    lines += [row for _, row in sorted(results, key=lambda t: -t[0])]
+        over = "" if x.get("within_budget", True) else " (over)"
+        rows.append((x["test_acc"], f"| {x['name']} | {x['test_acc']:.2f} | {_fmt(x['best_test_acc'])} ({x['best_epoch']}) | "
+                                    f"{x['epochs_run']} / {x['epochs_set']} | {_fmt(x['budget_s'], 'g')} / {_fmt(x['used_s'], '.0f')}{over} | "
+                                    f"{_fmt(x['fitted_epochs'], '.1f')} | {_fmt(x['params'] and x['params'] / 1e6, '.1f')} | "
+                                    f"{_fmt(x['images_per_s'], ',.0f')} |"))
+    lines += [row for _, row in sorted(rows, key=lambda t: -t[0])]
     if missing:
         lines += ["", "Not finished: " + "; ".join(missing)]
-    lines += ["", "Each job had the device to itself (one after another), each fitted its schedule to its "
-                  "train.budget_s: the final test accuracy is the run's result (no selection on the test set); the "
-                  "best is over the epochs evaluated. A budget of seconds, not the seed's 150 epochs: not comparable "
-                  "with the seed's table."]
+    lines += ["", "One job after another, each alone on the device, each fitting its schedule to its budget; the final "
+                  "test accuracy is the run's result. Seconds of budget, not the seed's 150 epochs."]
     return lines
 
 
-def step_table(folder: Path) -> list[str]:
-    """OUT/step/ARCH.json, one trainer.bench step part per architecture."""
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if not files:
+def step_lines(r: dict) -> list[str]:
+    st = r["step"]
+    if not st:
         return ["(no step bench results)"]
-    first = _load(files[0]) or {}
-    settings = first.get("step_settings") or {}
-    lines = [f"trainer.bench --parts step on {first.get('device')}, torch {first.get('torch_version')}: training images/s at "
-             f"batch {settings.get('batch')}, the median of {settings.get('steps')} steps; AMP = {settings.get('amp_dtype')} "
-             "autocast; ratios to eager fp32", "",
-             "| arch | eager fp32 | AMP | compiled AMP | compiled x | compile s | MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    unfinished = []
-    for path in files:
-        data = _load(path) or {}
-        rows = data.get("step") or {}
-        if "step" not in (data.get("parts_done") or []) or not rows:
-            unfinished.append(path.stem)
-            continue
-        for arch, x in rows.items():
-            mfu = f"{100 * x['mfu']:.0f}%" if x.get("mfu") is not None else "-"
-            lines.append(f"| {arch} | {x['eager_fp32']:,.0f} | {x['amp']:,.0f} | {x['compiled_amp']:,.0f} | "
-                         f"{x['step_ratio_compiled_amp']:.2f}x | {x['compile_s']:.1f} | {mfu} |")
-    if unfinished:
-        lines += ["", "Started but not finished (time limit or failure; see run.log): " + ", ".join(unfinished)]
+    s = st.get("settings") or {}
+    lines = [f"trainer.bench --parts step on {st['device']}, torch {st['torch_version']}: training images/s at batch "
+             f"{s.get('batch')}, {s.get('steps')} steps; AMP = {s.get('amp_dtype')}; eager and AMP of every arch before any compile"
+             + ("" if st["part_finished"] else "; **cut off: the rows below are what it measured**"), "",
+             "| arch | eager fp32 | AMP | compiled AMP | compiled x | compile s | MFU | modes |", "|---|---|---|---|---|---|---|---|"]
+    for arch, x in st["rows"].items():
+        mfu = f"{100 * x['mfu']:.0f}%" if x.get("mfu") is not None else "-"
+        done = "all" if x.get("complete") else ", ".join(x.get("modes_done") or []) or "none"
+        if x.get("errors"):
+            done += "; failed: " + ", ".join(x["errors"])
+        lines.append(f"| {arch} | {_fmt(x.get('eager_fp32'), ',.0f')} | {_fmt(x.get('amp'), ',.0f')} | "
+                     f"{_fmt(x.get('compiled_amp'), ',.0f')} | {_fmt(x.get('step_ratio_compiled_amp'), '.2f')} | "
+                     f"{_fmt(x.get('compile_s'), '.1f')} | {mfu} | {done} |")
     return lines
 
 
-def speed_table(folder: Path, target: float = 94.0) -> list[str]:
-    """OUT/speed/sN/: the speed profile's runs, one per seed."""
-    runs = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.is_dir() else []
-    if not runs:
-        return ["(no speed runs)"]
-    lines = [f"jobs/configs/speed.yaml, one run per seed; time to {target}% counts training, evaluation and compiling", "",
-             "| seed | final test acc % | epochs | training s | time to target s |", "| --- | --- | --- | --- | --- |"]
-    finals = []
-    for run in runs:
-        s, m = _load(run / SUMMARY), _metrics(run)
-        hit = next((r for r in m if r["test_acc"] >= target), None)
-        to_target = f"{hit['elapsed_s']:.1f} (epoch {hit['epoch']})" if hit else "not reached"
-        if s is None:
-            lines.append(f"| {run.name} | unfinished ({len(m)} epochs logged) | {len(m)} | - | {to_target} |")
-            continue
-        finals.append(s["test_acc"])
-        lines.append(f"| {run.name} | {s['test_acc']:.2f} | {s['epochs_run']} | {s['wall_time_s']:.1f} | {to_target} |")
-    if finals:
-        lines += ["", f"Mean final test accuracy over {len(finals)} finished run(s): {sum(finals) / len(finals):.2f}%"]
-    return lines
+def gpu_test_line(r: dict) -> str:
+    g = r["gpu_tests"]
+    if not g:
+        return "gpu-marked tests: not run"
+    line = f"gpu-marked tests: exit {g['exit_code']}, {g['summary_line'] or g['note'] or 'no pytest summary'}"
+    return line + ("; " + "; ".join(g["failures"][:5]) if g["failures"] else "")
+
+
+def summary(r: dict, p: dict) -> str:
+    code = p.get("code") or {}
+    sha = code.get("git_sha") or "unknown (no .git and no trainer/_stamp.json)"
+    differing = code.get("files_differing_from_stamp")
+    if code.get("stamp_git_sha") and differing:
+        sha += f" (files differing from the stamp: {', '.join(differing[:10])})"
+    unpacked = _get(p, "data", "unpacked") or {}
+    pack = "data: CIFAR-10 from the kit's pack (the project's shared copy, itself JPEG-derived); unpacked: " + (
+        "bit-identical to the packed source" if unpacked.get("exact") else
+        f"{unpacked.get('images_differing')} images differ from the packed source" if unpacked else "no record")
+    tar = r.get("tarball")
+    text = ["# GPU check", "", verdict(r), "",
+            f"- {device_line(r['preflight'])}", f"- {data_line(r['data'])}", f"- {gpu_test_line(r)}",
+            f"- code: {sha}; command `{r['command']}`, started {r['started']}", f"- {pack}",
+            "- files: results.json (every number), provenance.json, run.log" +
+            (f", {tar['file']} ({tar['bytes'] / 2**20:.1f} MiB, {tar['files']} files"
+             + (f"; left out: {len(tar['left_out'])}" if tar["left_out"] else "") + ")" if tar else ""),
+            "", "## Speed profile", "", *speed_lines(r), "", "## Budget sweep", "", *sweep_lines(r),
+            "", "## Step bench", "", *step_lines(r), "", "## Stages", "", *stage_lines(r), ""]
+    return "\n".join(text)
+
+
+# ---- provenance.json ---------------------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -244,68 +365,71 @@ def code() -> dict:
             "files_differing_from_stamp": provenance.stamp_status(stamp) if stamp else None}
 
 
-def read_stages(path: Path | None) -> list[dict]:
-    stages = []
-    if path and path.is_file():
-        for line in path.read_text().splitlines():
-            name, rc, seconds, *note = line.split("\t")
-            stages.append({"stage": name, "exit_code": int(rc), "seconds": int(seconds), "note": note[0] if note else ""})
-    return stages
+def software(preflight: dict | None) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "torchvision", "numpy", "numba", "llvmlite", "pillow", "opencv-python-headless", "ffcv", "submitit",
+                 "pytorch-pfn-extras", "fastargs", "terminaltables", "assertpy", "pyyaml", "tqdm", "pytest", "wandb"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    smi = None
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        smi = q.stdout.strip() if q.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": sys.version.split()[0], "python_executable": sys.executable, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "nvidia_smi": smi, "preflight": preflight, "packages": versions}
 
 
-def record(args: argparse.Namespace) -> dict:
+def provenance_record(args: argparse.Namespace, r: dict) -> dict:
     kit = Path(args.kit)
-    wheels = {p.name: _sha256(p) for p in sorted((kit / "wheels").glob("*.whl"))}
     beton = _load(Path(args.data_dir) / "cifar10.json") if args.data_dir else None
     return {
         "what": "a run of jobs/gpu_check/run.sh",
-        "command": args.command,
-        "started": args.started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": args.command, "started": args.started,
+        "finished": None if args.exit_code is None else r["updated"],
         "host": socket.gethostname(),
         "code": code(),
-        "software": software(),
-        "wheels_sha256": wheels,
+        "software": software(r["preflight"]),
+        "wheels_sha256": {p.name: _sha256(p) for p in sorted((kit / "wheels").glob("*.whl"))},
         "data": {
             "note": "CIFAR-10 from the check's pack: a transport re-encoding of the project's shared copy (itself "
                     "JPEG-derived from CIFAR-10, q75 4:2:0); see pack.fidelity and unpacked.exact for how close it is",
+            "path": r["data"],
             "pack": _load(kit / "cifar10.pack.json"),
             "unpacked": _load(args.unpack_record),
             "prepared": {k: beton.get(k) for k in ("outputs", "counts", "created")} if isinstance(beton, dict) else beton,
         },
-        "stages": read_stages(args.stages),
+        "stages": r["stages"],
         "exit_code": args.exit_code,
     }
 
 
-def summary(p: dict, args: argparse.Namespace, out: Path) -> str:
-    failed = [s["stage"] for s in p["stages"] if s["exit_code"] != 0]
-    code_ = p.get("exit_code")
-    verdict = (f"run.sh exit code {code_}; " if code_ is not None else "run.sh still running (a snapshot after a part); ") + (
-        "every stage exited 0" if p["stages"] and not failed else f"stages that failed or timed out: {', '.join(failed) or 'none recorded'}")
-    report = out / "report.md"
-    text = ["# GPU check", "", verdict, "", "## Provenance", "", *provenance_lines(p), "", "## Stages", "", *stage_table(p),
-            "", "## Step bench", "", *step_table(out / "step"), "", "## Speed profile", "", *speed_table(out / "speed"),
-            "", "## Budget sweep", "", *sweep_table(args.sweep),
-            "", "## Report", "", "report.md: the sweep's report (jobs/report.py)" if report.is_file() else "report.md: none was written", ""]
-    return "\n".join(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="the folder that gets provenance.json and summary.md")
+    parser.add_argument("out", type=Path, help="the folder that gets results.json, summary.md and provenance.json")
+    parser.add_argument("--keep", type=Path, required=True, help="run.sh's folder of stage records and run folders")
     parser.add_argument("--command", default="")
     parser.add_argument("--started")
     parser.add_argument("--exit-code", type=int, help="the run's exit code, as far as it got")
-    parser.add_argument("--stages", type=Path, help="a TSV of stage, exit code, seconds[, note]")
+    parser.add_argument("--final", action="store_true", help=f"also pack KEEP into OUT/{TARBALL}")
     parser.add_argument("--kit", default=".kit", help="the folder with wheels/ and cifar10.pack.json (default .kit)")
     parser.add_argument("--unpack-record", type=Path)
     parser.add_argument("--data-dir")
-    parser.add_argument("--sweep", type=Path)
     args = parser.parse_args()
-    p = record(args)
+    r = collect(args)
+    p = provenance_record(args, r)
+    r["code"] = p["code"]
     write_text_atomic(args.out / "provenance.json", json.dumps(p, indent=1) + "\n")
-    write_text_atomic(args.out / "summary.md", summary(p, args, args.out))
+    if args.final:
+        r["tarball"] = pack_results(args.keep, args.out)
+    write_text_atomic(args.out / "results.json", json.dumps(r, indent=1) + "\n")
+    write_text_atomic(args.out / "summary.md", summary(r, p))
 
 
 if __name__ == "__main__":

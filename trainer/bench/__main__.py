@@ -11,8 +11,10 @@ accuracy  wall time of jobs/configs/speed.yaml to reach its target test accuracy
 
 --quick is a CPU-sized version: one measured loader epoch, three small networks at a small batch
 for a few steps, no accuracy part. The results, with the command, commit, device, software and data
-they came from, go to --json PATH, rewritten atomically after each part: `parts_done` names the
-parts in it and `complete` is true once all have run.
+they came from, go to --json PATH, rewritten atomically after each part (and, in the step part,
+after each architecture's mode): `parts_done` names the finished parts in it and `complete` is true
+once all have run. The step part needs no data (its batches are synthetic): --data is checked only
+for the loader and accuracy parts. On CUDA the trainer's math settings (TF32, cudnn.benchmark) hold.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from trainer.bench import accuracy, loaders, steps
 from trainer.bench.common import ResultsFile, Settings, cores, full_settings, quick_settings, smoke_settings
 from trainer.data.checks import data_record
 from trainer.data.common import check_data_dir
-from trainer.device import device_name
+from trainer.device import device_name, fast_cuda_math
 
 PARTS = ("loader", "step", "accuracy")
 
@@ -68,11 +70,14 @@ def run(args: argparse.Namespace) -> int:
     parts = [p.strip() for p in args.parts.split(",")] if args.parts else list(PARTS)
     if set(parts) - set(PARTS):
         raise UserError(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got '{args.parts}'")
-    data_dir = check_data_dir(args.data).resolve()
+    # the step part's batches are synthetic: it runs where no .beton is (the GPU check without ffcv)
+    data_dir = check_data_dir(args.data).resolve() if set(parts) - {"step"} else None
     threads = args.threads or cores()
     if threads < 0:
         raise UserError(f"--threads: must be positive, got {threads}")
     torch.set_num_threads(threads)
+    if device.type == "cuda":  # as the trainer sets them, so that the step numbers compare with its runs
+        fast_cuda_math()
     load = os.getloadavg()
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "git_sha": provenance.git_sha(),
         "device": device_name(device),
         "torch_version": torch.__version__,
-        "data": data_record(data_dir),
+        "data": data_record(data_dir) if data_dir else None,
         "date": datetime.now().isoformat(timespec="seconds"),
         "mode": mode,
         "threads": threads,
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"trainer.bench ({mode}) on {device_name(device)}, torch {torch.__version__}, {threads} threads; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
 
+    failed: list[str] = []
     for part in dict.fromkeys(parts):  # in the order given: a run cut short keeps the parts it put first
         if part == "loader":
             measured = loaders.bench_loaders(data_dir, device, settings, threads)
@@ -98,9 +104,12 @@ def run(args: argparse.Namespace) -> int:
             results.add_part("loader", {"loader": measured, "loader_ratio_ffcv": measured["ffcv"]["ratio"],
                                         "loader_ratio_resident": measured["resident"]["ratio"]})
         elif part == "step":
-            measured = steps.bench_steps(device, settings, threads)
+            step_settings = steps.step_settings(device, settings)
+            measured = steps.bench_steps(device, settings, threads,
+                                         on_row=lambda rows: results.update({"step_settings": step_settings, "step": rows}))
             steps.print_table(measured, device, settings)
-            results.add_part("step", {"step_settings": steps.step_settings(device, settings), "step": measured})
+            results.add_part("step", {"step_settings": step_settings, "step": measured})
+            failed = [f"{arch} {mode}" for arch, row in measured.items() for mode in row["errors"]]
         else:
             why = accuracy_skipped(args, device)
             measured = {"skipped": why} if why else accuracy.bench_accuracy(data_dir, settings.seeds, args.target)
@@ -109,10 +118,12 @@ def run(args: argparse.Namespace) -> int:
 
     results.finish()
     end = results.data
+    if failed:
+        print(f"error: step modes that failed: {', '.join(failed)}", file=sys.stderr)
     print(f"\n{end['wall_s']:.0f} s in all; load average at the end {end['load_average_at_end'][0]:.2f}")
     if args.json:
         print(f"results in {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the tests' even smaller run
     parser.add_argument("--json", type=Path, help="write the results (and their provenance) here, after every part")
     parser.add_argument("--data", type=Path, default=Path("data/cifar10"),
-                        help="the .beton folder (default data/cifar10)")
+                        help="the .beton folder of the loader and accuracy parts (default data/cifar10)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} (default: all)")
     parser.add_argument("--archs", help="comma-separated architectures for the step part")

@@ -58,6 +58,11 @@ class ResultsFile:
         self.data: dict = {**header, "parts_done": [], "complete": False}
         self._write()  # at once, so that a results file from an earlier run is never taken for this one's
 
+    def update(self, values: dict) -> None:
+        """Numbers of a part still running (not listed in `parts_done`), written at once."""
+        self.data.update(values)
+        self._write()
+
     def add_part(self, name: str, values: dict) -> None:
         self.data.update(values)
         self.data["parts_done"].append(name)

@@ -6,12 +6,17 @@ AMP is measured even where train.amp=auto would not use it (a CPU without native
 says which precision auto picks on the device, and the AMP column shows what it saves or costs.
 On a GPU the block of steps is timed and the model FLOPs utilisation (MFU) of the compiled step
 shown; on a CPU the median step (robust to other processes).
+
+The eager modes of every architecture come before any compile (the smallest graphs' first), and each
+row is handed out as soon as a mode is measured (the --json file is rewritten then): a run cut off in a long compile keeps every
+eager number. A row's `modes_done` lists its measured modes and `complete` says all three are in.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -103,26 +108,69 @@ def step_settings(device: torch.device, settings: Settings) -> dict:
             "peak_flops": peak_flops(device_name(device)) if device.type == "cuda" else None}
 
 
-def bench_steps(device: torch.device, settings: Settings, threads: int) -> dict:
+EAGER_MODES = ("eager_fp32", "amp")
+
+
+def _row(measured: dict, errors: dict, train_flops: float, peak: float | None) -> dict:
+    """One architecture's row from the modes measured so far: a mode not (yet) measured is None, and
+    so is every ratio or MFU that needs it; `modes_done` lists the modes whose numbers are in."""
+    speed = {mode: measured[mode]["images_per_s"] if mode in measured else None for mode in MODES}
+    base = speed["eager_fp32"]
+
+    def ratio(mode: str) -> float | None:
+        return speed[mode] / base if speed[mode] is not None and base else None
+
+    compiled = measured.get("compiled_amp")
+    return {
+        **speed,
+        "step_ratio_amp": ratio("amp"),
+        "step_ratio_compiled_amp": ratio("compiled_amp"),
+        "compile_s": compiled["compile_s"] if compiled else None,
+        "train_gflops_per_image": train_flops / 1e9,
+        # model FLOPs utilisation of the compiled AMP step; None off a GPU, on an unknown card, or not measured
+        "mfu": train_flops * compiled["images_per_s"] / peak if peak and compiled else None,
+        "modes_done": [mode for mode in MODES if mode in measured],
+        "complete": all(mode in measured for mode in MODES),
+        "errors": dict(errors),
+    }
+
+
+def bench_steps(device: torch.device, settings: Settings, threads: int,
+                on_row: Callable[[dict], None] | None = None) -> dict:
+    """Every architecture's eager fp32 and AMP steps first, then each one's compiled step: a compile
+    that runs into a time limit (EfficientNet's cold compile is minutes) costs only compiled rows.
+    `on_row(results)` is called after every measurement, so that the caller can write it out at once.
+    A mode that raises (an out-of-memory, a compiler error) is recorded in the row's `errors`, and the
+    others go on."""
     peak = peak_flops(device_name(device)) if device.type == "cuda" else None
-    results = {}
+    measured: dict[str, dict] = {arch: {} for arch in settings.archs}
+    errors: dict[str, dict] = {arch: {} for arch in settings.archs}
+    results: dict[str, dict] = {}
+    train_flops, layers = {}, {}
     for arch in settings.archs:
+        model = models.build(arch)
+        train_flops[arch] = 3 * forward_flops(model)  # per image: forward + backward (2x forward)
+        layers[arch] = sum(1 for _ in model.modules())
+    order = [(mode, arch) for mode in EAGER_MODES for arch in settings.archs]
+    # the compiles with the fewest modules (the smallest graphs, the quickest compiles) first, so a
+    # time limit leaves as many compiled rows as it can: EfficientNet's comes last
+    order += [("compiled_amp", arch) for arch in sorted(settings.archs, key=lambda a: layers[a])]
+    for mode, arch in order:
         torch.set_num_threads(threads)
-        r = {mode: time_steps(arch, device, mode, settings) for mode in MODES}
-        base = r["eager_fp32"]["images_per_s"]
-        train_flops = 3 * forward_flops(models.build(arch))  # per image: forward + backward (2x forward)
-        results[arch] = {
-            "eager_fp32": base,
-            "amp": r["amp"]["images_per_s"],
-            "compiled_amp": r["compiled_amp"]["images_per_s"],
-            "step_ratio_amp": r["amp"]["images_per_s"] / base,
-            "step_ratio_compiled_amp": r["compiled_amp"]["images_per_s"] / base,
-            "compile_s": r["compiled_amp"]["compile_s"],
-            "train_gflops_per_image": train_flops / 1e9,
-            # model FLOPs utilisation of the compiled AMP step; None off a GPU or on an unknown card
-            "mfu": train_flops * r["compiled_amp"]["images_per_s"] / peak if peak else None,
-        }
-        print(f"  {arch}: done", file=sys.stderr, flush=True)
+        try:
+            measured[arch][mode] = time_steps(arch, device, mode, settings)
+        except Exception as e:  # noqa: BLE001 - one mode's failure must not cost the other rows
+            errors[arch][mode] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            print(f"  {arch} {mode}: failed: {errors[arch][mode]}", file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if mode == "compiled_amp":
+                torch._dynamo.reset()
+        else:
+            print(f"  {arch} {mode}: {measured[arch][mode]['images_per_s']:,.0f} images/s", file=sys.stderr, flush=True)
+        results[arch] = _row(measured[arch], errors[arch], train_flops[arch], peak)
+        if on_row is not None:
+            on_row(results)
     return results
 
 
@@ -134,7 +182,14 @@ def print_table(results: dict, device: torch.device, settings: Settings) -> None
     print(f"  the trainer's precision here: {amp_choice(device, 'auto')}")
     print(f"  {'arch':<16}{'eager fp32':>11}{'AMP':>10}{'AMP x':>7}{'compiled':>10}{'comp. x':>8}{'compile s':>10}"
           f"{'MFU':>7}")
+
+    def cell(value: float | None, fmt: str, width: int) -> str:
+        return f"{'-' if value is None else format(value, fmt):>{width}}"
+
     for arch, x in results.items():
         mfu = f"{100 * x['mfu']:.1f}%" if x["mfu"] is not None else "-"
-        print(f"  {arch:<16}{x['eager_fp32']:>11,.0f}{x['amp']:>10,.0f}{x['step_ratio_amp']:>6.2f}x"
-              f"{x['compiled_amp']:>10,.0f}{x['step_ratio_compiled_amp']:>7.2f}x{x['compile_s']:>10.1f}{mfu:>7}")
+        print(f"  {arch:<16}{cell(x['eager_fp32'], ',.0f', 11)}{cell(x['amp'], ',.0f', 10)}"
+              f"{cell(x['step_ratio_amp'], '.2f', 6)}x{cell(x['compiled_amp'], ',.0f', 10)}"
+              f"{cell(x['step_ratio_compiled_amp'], '.2f', 7)}x{cell(x['compile_s'], '.1f', 10)}{mfu:>7}")
+        for mode, error in x["errors"].items():
+            print(f"    {mode} failed: {error}")

@@ -1,7 +1,11 @@
-"""The .beton checks every run makes before a loader reads its data: the layout prepare writes
-(field names, 32x32x3 images, labels 0..9, complete files) and, against the sidecar prepare wrote
-(cifar10.json), size, images per class and SHA-256. A mismatch is one DataError naming the file and
-what differs; the verified hashes are what the run's summary records (data_record)."""
+"""The checks every run makes before a loader reads its data, and the record of what it read.
+
+data.format=beton: the layout prepare writes (field names, 32x32x3 images, labels 0..9, complete
+files) and, against the sidecar prepare wrote (cifar10.json), size, images per class and SHA-256.
+data.format=python (the official batch files, read without ffcv): the restricted reader's own
+validation (cifar10.read_split: every file present and unpickled safely, the declared images per
+batch, 32x32x3 uint8 rows, labels 0..9) and the files' SHA-256. A mismatch is one DataError naming
+the file and what differs; the verified hashes are what the run's summary records (data_record)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.cifar10 import NUM_CLASSES, SIDE, SIDECAR, SPLITS, DataError, sha256
+from trainer.data.cifar10 import (
+    META_FILE, NUM_CLASSES, SIDE, SIDECAR, SPLITS, TEST_FILES, TRAIN_FILES, DataError, Split, read_meta, read_split,
+    sha256,
+)
 
 def open_beton(path: Path):
     """ffcv's Reader of a .beton, with whatever its parser raises on a cut or foreign file turned into
@@ -154,6 +161,7 @@ def verify(data_dir: str | Path, warn: bool = True) -> dict:
     record = _read_sidecar(data_dir)
     claims = _claims(record, data_dir) if record is not None else None
     result: dict = {
+        "format": "beton",
         "dir": str(data_dir.resolve()),
         "source_dir": record.get("source_dir") if isinstance(record, dict) else None,
         "sidecar_checked": claims is not None,
@@ -190,12 +198,15 @@ def verify(data_dir: str | Path, warn: bool = True) -> dict:
     return result
 
 
-def data_record(data_dir: str | Path) -> dict:
-    """What a run trained on, for its summary: the record verify() made in this process for the
-    folder — the hashes of the files as the loaders found them, not the sidecar's claim. For a
-    folder not verified in this process (the bench's header, written before any loader is built),
-    the hashes of the files as they are now, unchecked (`sidecar_checked` false)."""
+def data_record(data_dir: str | Path, data_format: str = "beton") -> dict:
+    """What a run trained on, for its summary: the record verify() (or verify_python()) made in this
+    process for the folder — the hashes of the files as the loaders found them, not the sidecar's
+    claim. For a folder not verified in this process (the bench's header, written before any loader
+    is built), the hashes of the files as they are now, unchecked (`sidecar_checked` false)."""
     data_dir = Path(data_dir)
+    if data_format == "python":
+        cached = _python_read.get(data_dir.resolve())
+        return cached[1] if cached else _python_record(data_dir, None)
     cached = _verified.get(data_dir.resolve())
     if cached:
         return cached[1]
@@ -204,6 +215,7 @@ def data_record(data_dir: str | Path) -> dict:
     except (OSError, ValueError):
         record = None
     result: dict = {
+        "format": "beton",
         "dir": str(data_dir.resolve()),
         "source_dir": record.get("source_dir") if isinstance(record, dict) else None,
         "sidecar_checked": False,
@@ -217,3 +229,75 @@ def data_record(data_dir: str | Path) -> dict:
             f"{split}_images": None,
         })
     return result
+
+
+def describe_record(record: dict) -> str:
+    """A data record (summary.json's `data`) in one line, for reports: the folder, where it came
+    from, and the hashes that identify it (.beton files, or the batch files of data.format=python)."""
+    if record.get("format") == "python":
+        files = record.get("files") or {}
+        test = (files.get("test_batch") or {}).get("sha256") or "?"
+        return (f"{record.get('dir', '?')} (CIFAR-10's batch files, read without ffcv; test_batch sha256 "
+                f"{test[:12]}…, {len(files)} files hashed in summary.json)")
+    sha = (record.get("train_sha256") or "?")[:12], (record.get("test_sha256") or "?")[:12]
+    return (f"{record.get('dir', '?')} (CIFAR-10 from {record.get('source_dir') or 'an unrecorded source'}; "
+            f"train.beton sha256 {sha[0]}…, test.beton {sha[1]}…)")
+
+
+PYTHON_FILES = TRAIN_FILES + TEST_FILES + (META_FILE,)
+
+# The folder verify_python read last in this process: its files' stat keys, the record and both
+# splits (180 MB for the real set). Kept, so that the training, test and validation loaders, the
+# whitening fit and the summary read and hash the batch files once (1.5 s for the real set) and all
+# see the same images; files changed since are read again.
+_python_read: dict[Path, tuple[tuple, dict, dict[str, Split]]] = {}
+
+
+def verify_python(data_dir: str | Path) -> dict:
+    """Checks a folder of CIFAR-10's official batch files (data.format=python) before a loader uses
+    it; returns the data record for the run's summary. The restricted reader validates every file
+    (cifar10.read_split); the record holds each file's size and SHA-256 and the images per split.
+    There is no sidecar to compare with: these are the source files themselves."""
+    return _python(data_dir)[0]
+
+
+def python_split(data_dir: str | Path, split: str) -> Split:
+    """The split's images and labels in the batch files' order (the order prepare writes into the
+    .beton), from the folder verify_python checked."""
+    return _python(data_dir)[1][split]
+
+
+def _python(data_dir: str | Path) -> tuple[dict, dict[str, Split]]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such folder; data.format=python reads CIFAR-10's official batch files "
+                        f"({', '.join(PYTHON_FILES)}) from data.dir")
+    key = tuple(_stat_key(data_dir / name) for name in PYTHON_FILES)
+    cached = _python_read.get(data_dir.resolve())
+    if cached and cached[0] == key:
+        return cached[1], cached[2]
+    read_meta(data_dir)  # ten label names: a foreign meta file is refused, not just its count
+    splits = {split: read_split(data_dir, split) for split in SPLITS}
+    record = _python_record(data_dir, splits)
+    _python_read.clear()  # one folder's images at a time: a process trains on one
+    _python_read[data_dir.resolve()] = (key, record, splits)
+    return record, splits
+
+
+def _python_record(data_dir: Path, splits: dict[str, Split] | None) -> dict:
+    files = {}
+    for name in PYTHON_FILES:
+        path = data_dir / name
+        found = path.is_file()
+        files[name] = {"bytes": path.stat().st_size if found else None, "sha256": sha256(path) if found else None}
+    return {
+        "format": "python",
+        "dir": str(data_dir.resolve()),
+        "source_dir": str(data_dir.resolve()),  # the source files themselves: nothing converted
+        "checked": splits is not None,  # read and validated by this process (not: hashed as found)
+        "files": files,
+        # The .beton hashes have no counterpart here: the files' own are in `files`.
+        "train_sha256": None,
+        "test_sha256": None,
+        **{f"{split}_images": len(splits[split]) if splits else None for split in SPLITS},
+    }

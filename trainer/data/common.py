@@ -1,6 +1,6 @@
 """What both training loaders share: the batch dtypes, the fill colour, the validation split,
-test-set sharding, the data folder check, thread defaults, and the interface they both offer
-(BatchLoader)."""
+test-set sharding, the data folder check (of either data.format), thread defaults, and the
+interface they both offer (BatchLoader)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from trainer import UserError
 from trainer.config import DataConfig
-from trainer.data.checks import check_beton, verify
+from trainer.data.checks import check_beton, python_split, verify, verify_python
 from trainer.data.cifar10 import MEAN, NUM_CLASSES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,7 +96,8 @@ def validation_split(labels: np.ndarray, val_split: int, seed: int) -> np.ndarra
 
 
 def train_val_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices into train.beton: the validation split (validation_split), then
+    """(train, validation) indices into train.beton (or the batch files, in their order: the same
+    images): the validation split (validation_split), then
     data.train_subset's first images of the rest, in file order. The split is drawn before the
     subset, so a smoke run's validation images are those of the full run with the same seed."""
     val = validation_split(labels, cfg.val_split, cfg.val_seed)
@@ -107,12 +108,28 @@ def train_val_indices(labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, 
 
 
 def held_out(cfg: DataConfig) -> tuple[Path, np.ndarray]:
-    """The data folder and the validation split's indices into its train.beton, for a validation
+    """The data folder and the validation split's indices into its training set, for a validation
     loader. The training loaders verified the folder already in this process (verify caches it)."""
-    data_dir = check_data_dir(cfg.dir)
-    verify(data_dir, warn=False)
-    _, val = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
-    return data_dir, val
+    verify_data(cfg, warn=False)
+    _, val = train_val_indices(train_labels(cfg), cfg)
+    return Path(cfg.dir), val
+
+
+def verify_data(cfg: DataConfig, warn: bool = True) -> dict:
+    """Checks data.dir in its data.format before a loader reads it (checks.verify for .beton files,
+    checks.verify_python for the batch files); returns the record the run's summary holds."""
+    if cfg.format == "python":
+        return verify_python(cfg.dir)
+    return verify(check_data_dir(cfg.dir), warn=warn)
+
+
+def train_labels(cfg: DataConfig) -> np.ndarray:
+    """The training set's labels in file order, from data.dir in its data.format: what the
+    validation split is drawn from. The batch files hold the images in train.beton's order (prepare
+    writes them as read_split reads them), so both formats give the same split."""
+    if cfg.format == "python":
+        return python_split(cfg.dir, "train").labels
+    return check_beton(Path(cfg.dir) / "train.beton")
 
 
 def split_record(labels: np.ndarray, cfg: DataConfig) -> dict | None:

@@ -1,7 +1,8 @@
 """The device-resident loader (`data.loader: resident`): all of CIFAR-10 kept on the training device.
 
-The .beton files are read once through ffcv (SEQUENTIAL, no augmentation) and normalised once, on
-the device, with the same operations in the same order as the FFCV loader (to float32, subtract the
+The .beton files are read once through ffcv (SEQUENTIAL, no augmentation), or with
+data.format=python CIFAR-10's batch files through the project's own reader (no ffcv: the same
+images in the same order, so the same batches follow), and normalised once, on the device, with the same operations in the same order as the FFCV loader (to float32, subtract the
 mean, divide by the std, then cast to `data.dtype`), into a table of pixel rows (PixelTable): each
 image row padded on both sides with `translate` pixels of the fill colour (the mean pixel,
 normalised), plus one row of fill. A batch is one gather from that table: the pixel indices carry
@@ -47,11 +48,10 @@ import torch.nn.functional as F
 from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data.cifar10 import MEAN, NUM_CLASSES, SIDE, STD
-from trainer.data.checks import check_beton, open_beton, verify
+from trainer.data.checks import open_beton, python_split
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, held_out, per_process_batch,
-    shard_indices,
-    train_val_indices,
+    DTYPES, MEAN_PIXEL, check_batch_size, default_threads, held_out, per_process_batch, shard_indices,
+    train_labels, train_val_indices, verify_data,
 )
 from trainer.distributed import Dist
 
@@ -367,54 +367,63 @@ def build_resident_loaders(
 ) -> tuple[ResidentLoader, ResidentLoader]:
     """(train, test) resident loaders for this process, sharded by the group's rank."""
     device = group.device
-    data_dir = check_data_dir(cfg.dir)
-    found = verify(data_dir, warn=group.rank == 0)  # before reading: ffcv trusts any file
+    found = verify_data(cfg, warn=group.rank == 0)  # before reading: ffcv trusts any file
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
 
-    # Training reads train.beton without the validation split's images (common.train_val_indices).
-    train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
+    # Training reads the training set without the validation split's images (common.train_val_indices).
+    train_indices, _ = train_val_indices(train_labels(cfg), cfg)
     check_batch_size(cfg.batch_size, world, len(train_indices))
     pad = cfg.translate if cfg.translate_mode == "fill" else 0  # reflect reads inside the image only
-    train_table, train_labels = _load(data_dir / "train.beton", train_indices, cfg, device, threads, pad)
+    train_table, train_y = _load("train", train_indices, cfg, device, threads, pad)
     n_test = found["test_images"]
     test_indices = np.arange(min(n_test, cfg.test_subset) if cfg.test_subset else n_test)
-    test_table, test_labels = _load(data_dir / "test.beton", test_indices, cfg, device, threads, 0)
-    test_shard = torch.from_numpy(shard_indices(test_labels.shape[0], rank, world).astype(np.int64))
-    train = ResidentLoader(train_table, train_labels, cfg, train=True, seed=seed, rank=rank, world=world, threads=threads)
-    test = ResidentLoader(test_table, test_labels, cfg, train=False, world=world, indices=test_shard, threads=threads)
+    test_table, test_y = _load("test", test_indices, cfg, device, threads, 0)
+    test_shard = torch.from_numpy(shard_indices(test_y.shape[0], rank, world).astype(np.int64))
+    train = ResidentLoader(train_table, train_y, cfg, train=True, seed=seed, rank=rank, world=world, threads=threads)
+    test = ResidentLoader(test_table, test_y, cfg, train=False, world=world, indices=test_shard, threads=threads)
     return train, test
 
 
-def _load(path: Path, indices: np.ndarray, cfg: DataConfig, device: torch.device, threads: int,
-          pad: int) -> tuple[PixelTable, torch.Tensor]:
-    images, labels = read_beton(path, workers=cfg.num_workers, indices=indices)
+def read_images(cfg: DataConfig, split: str, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's images at the sorted `indices`, in file order, from data.dir in its data.format:
+    (N, 32, 32, 3) uint8 and (N,) int64 CPU tensors. The folder must have been verified
+    (common.verify_data). Only the beton format imports ffcv."""
+    if cfg.format == "python":
+        found = python_split(cfg.dir, split)
+        return torch.from_numpy(found.images[indices]), torch.from_numpy(found.labels[indices])
+    threads = torch.get_num_threads()
+    images, labels = read_beton(Path(cfg.dir) / f"{split}.beton", workers=cfg.num_workers, indices=indices)
     torch.set_num_threads(threads)  # ffcv changed it; normalising is torch's work
+    return images, labels
+
+
+def _load(split: str, indices: np.ndarray, cfg: DataConfig, device: torch.device, threads: int,
+          pad: int) -> tuple[PixelTable, torch.Tensor]:
+    images, labels = read_images(cfg, split, indices)
+    torch.set_num_threads(threads)  # this process's share of the cores, for the normalising
     return pixel_table(images.to(device), DTYPES[cfg.dtype], pad), labels.to(device)
 
 
 def build_resident_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> ResidentLoader:
-    """The validation loader: the held-out images of train.beton in a table of their own, read as
-    the test set is (in order, this rank's shard, no augmentation)."""
-    data_dir, val = held_out(cfg)
+    """The validation loader: the held-out training images in a table of their own, read as the
+    test set is (in order, this rank's shard, no augmentation)."""
+    _, val = held_out(cfg)
     threads = threads or default_threads()
-    table, labels = _load(data_dir / "train.beton", val, cfg, group.device, threads, 0)
+    table, labels = _load("train", val, cfg, group.device, threads, 0)
     shard = torch.from_numpy(shard_indices(len(val), group.rank, group.world_size).astype(np.int64))
     return ResidentLoader(table, labels, cfg, train=False, world=group.world_size, indices=shard, threads=threads)
 
 
 def normalised_images(cfg: DataConfig, n: int, device: torch.device | str) -> torch.Tensor:
     """(N, 3, 32, 32) float32: the first n images (all, if fewer) the training loader trains on
-    (train.beton without the validation split, cut to data.train_subset), in file order, with the
+    (the training set without the validation split, cut to data.train_subset), in file order, with the
     values either loader hands out (normalised, cast to data.dtype) as float32. For fitting what
     depends on the data itself, such as the whitening layer (model.whiten)."""
     if n <= 0:
         raise ValueError(f"n={n}: need at least one image")
-    data_dir = check_data_dir(cfg.dir)
-    verify(data_dir, warn=False)
-    train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
-    threads = torch.get_num_threads()
-    images, _ = read_beton(data_dir / "train.beton", workers=cfg.num_workers, indices=train_indices[:n])
-    torch.set_num_threads(threads)  # ffcv changed it
+    verify_data(cfg, warn=False)
+    train_indices, _ = train_val_indices(train_labels(cfg), cfg)
+    images, _ = read_images(cfg, "train", train_indices[:n])
     x = normalise(images.to(device), DTYPES[cfg.dtype]).to(torch.float32)
     return x.permute(0, 3, 1, 2).contiguous()

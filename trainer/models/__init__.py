@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from trainer import UserError
-from trainer.models import alexnet, efficientnet, inception, mobilenet, resnet, resnet9, vgg
+from trainer.models import airbench, alexnet, efficientnet, inception, mobilenet, resnet, resnet9, vgg
 from trainer.models.seed_table import SEED, SeedRow
 from trainer.models.registry import (
     DuplicateModelError,
@@ -49,21 +49,24 @@ __all__ = [
 
 REGISTRY = Registry()
 
-# The seed's networks: name, constructor, the row of the seed's table (which gives the parameter target).
-REGISTRY.register("alexnet", alexnet.alexnet, seed_row="AlexNet")
-REGISTRY.register("vgg_bn", vgg.vgg_bn, seed_row="VGG+BN")
-REGISTRY.register("inception_bn", inception.inception_bn, seed_row="Inception+BN")
-REGISTRY.register("resnet", resnet.resnet, seed_row="ResNet")
-REGISTRY.register("mobilenet", mobilenet.mobilenet, seed_row="MobileNet")
-REGISTRY.register("mobilenet_big", mobilenet.mobilenet_big, seed_row="MobileNetBig")
-REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="EfficientNet")
-# Beyond the seed (parameter target in millions): its open question on parameter efficiency, and a
-# speed-training profile.
-REGISTRY.register("efficientnet_b0", efficientnet.efficientnet_b0, seed_row=None, params_target=4.0)
-REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5)
+# The seed's networks: name, constructor, the row of the seed's table (which gives the parameter
+# target), and the recipe the launcher trains it with (a file under jobs/configs/).
+REGISTRY.register("alexnet", alexnet.alexnet, seed_row="AlexNet", recipe="alexnet.yaml")
+REGISTRY.register("vgg_bn", vgg.vgg_bn, seed_row="VGG+BN", recipe="vgg_bn.yaml")
+REGISTRY.register("inception_bn", inception.inception_bn, seed_row="Inception+BN", recipe="inception_bn.yaml")
+REGISTRY.register("resnet", resnet.resnet, seed_row="ResNet", recipe="resnet.yaml")
+REGISTRY.register("mobilenet", mobilenet.mobilenet, seed_row="MobileNet", recipe="mobilenet.yaml")
+REGISTRY.register("mobilenet_big", mobilenet.mobilenet_big, seed_row="MobileNetBig", recipe="mobilenet_big.yaml")
+REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="EfficientNet", recipe="efficientnet.yaml")
+# Beyond the seed (parameter target in millions): its open question on parameter efficiency, and the
+# speed-training profile's networks: airbench94's own (jobs/configs/speed.yaml), Page's ResNet-9
+# (speed-resnet9.yaml) for comparison.
+REGISTRY.register("efficientnet_b0", efficientnet.efficientnet_b0, seed_row=None, params_target=4.0,
+                  recipe="efficientnet_b0.yaml")
+REGISTRY.register("airbench94", airbench.airbench94, seed_row=None, params_target=1.97, recipe="airbench94.yaml")
+REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5, recipe="resnet9.yaml")
 # For CPUs: the network of jobs/configs/tiny.yaml and of the tests that train.
-REGISTRY.register("resnet9_tiny", resnet9.resnet9_tiny, seed_row=None, params_target=0.413)
-
+REGISTRY.register("resnet9_tiny", resnet9.resnet9_tiny, seed_row=None, params_target=0.413, recipe="tiny.yaml")
 
 def build(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
     """A freshly initialised network (no pretrained weights); UnknownModelError lists valid names.

@@ -30,7 +30,7 @@ def main() -> int:
         all_ok &= ok
         print(
             f"{name:<16} {params:>11,} {params / 1e6:>10.3f} {forward_flops(model) / 1e9:>18.3f} "
-            f"{spec.params_target:>10.1f} {'yes' if ok else 'NO':>5}  {spec.seed_row or '-'}"
+            f"{spec.params_target:>10g} {'yes' if ok else 'NO':>5}  {spec.seed_row or '-'}"
         )
     return 0 if all_ok else 1
 

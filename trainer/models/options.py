@@ -3,12 +3,13 @@
 Two kinds, because they differ in who can honour them:
 - Constructor options change the layout and exist only where an architecture defines them:
   ``output_stride`` (mobilenet, mobilenet_big, efficientnet, efficientnet_b0) and ``whiten``
-  (resnet9, resnet9_tiny). ``from_config`` turns a config into these keyword arguments, and
+  (resnet9, resnet9_tiny, airbench94). ``from_config`` turns a config into these keyword arguments, and
   ``models.build`` refuses one the architecture lacks, by name.
 - Generic options rewrite any built network's modules (``apply``): activation, bn_momentum,
   bn_eps, bn_frozen_scale, dirac_init. Each refuses a network it cannot change at all (GELU
-  for a net without ReLUs, BatchNorm settings for a net without BatchNorm), rather than
-  silently training the network the config did not ask for.
+  for a net with neither ReLUs nor GELUs, BatchNorm settings for a net without BatchNorm), rather
+  than silently training the network the config did not ask for. GELU on a net that is GELU
+  throughout already (airbench94) is what the config asks for, and changes nothing.
 
 These are the speed-training techniques of airbench (Jordan 2024, arXiv 2404.00498).
 
@@ -89,6 +90,8 @@ def _relu_to_gelu(net: nn.Module, arch: str) -> None:
     swaps = [(parent, name) for parent in net.modules()
              for name, child in parent.named_children() if isinstance(child, nn.ReLU)]
     if not swaps:
+        if any(isinstance(m, nn.GELU) for m in net.modules()):
+            return  # GELU is the architecture's own activation (airbench94)
         raise UserError(f"model.activation: architecture '{arch}' has no ReLU to replace by GELU")
     for parent, name in swaps:
         setattr(parent, name, nn.GELU())

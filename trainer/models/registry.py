@@ -43,13 +43,16 @@ class ModelSpec:
     ``seed_row`` is the row of the seed's comparison table this network reproduces
     (None for the extra networks beyond the seed); ``params_target`` is the parameter
     count, in millions, the implementation is sized to (10 classes, within +-5%): the
-    seed's own count for its networks.
+    seed's own count for its networks. ``recipe`` is the config file under jobs/configs/
+    the launcher trains it with; None: the launcher refuses it rather than lend it another
+    network's recipe.
     """
 
     name: str
     constructor: Constructor
     seed_row: str | None
     params_target: float
+    recipe: str | None = None
 
     @property
     def is_seed(self) -> bool:
@@ -69,6 +72,7 @@ class Registry(Mapping[str, ModelSpec]):
         *,
         seed_row: str | None = None,
         params_target: float | None = None,
+        recipe: str | None = None,
     ) -> ModelSpec:
         """A seed network (``seed_row`` given) is sized to the seed table's count; any other
         network states its ``params_target``."""
@@ -80,7 +84,7 @@ class Registry(Mapping[str, ModelSpec]):
             if seed_row not in SEED:
                 raise ValueError(f"model {name!r}: seed_row {seed_row!r} is not a row of the seed's table")
             params_target = SEED[seed_row].params_m
-        spec = ModelSpec(name, constructor, seed_row, float(params_target))
+        spec = ModelSpec(name, constructor, seed_row, float(params_target), recipe)
         self._specs[name] = spec
         return spec
 

@@ -9,7 +9,8 @@ the first trained layer starts from decorrelated inputs instead of having to lea
 The filters are a buffer, not a parameter: the optimiser, weight decay, lookahead and
 every-parameter-has-a-gradient checks never see them, and they still travel in state_dict
 (a resumed or exported network keeps the fit). The bias is a trainable parameter (airbench
-trains it for the first few epochs only; here it simply trains).
+trains it for the first few epochs only; here it simply trains), at the base learning rate as in
+airbench: it is no BatchNorm bias, so optim.bias_lr_mult does not reach it.
 
     net = models.build("resnet9", whiten=True)
     whitening.fit(net, images)  # (N, 3, 32, 32) images, normalised as the loader gives them

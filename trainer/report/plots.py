@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer.files import atomic_path
 from trainer.models.seed_table import SEED
-from trainer.report.runs import Run, primary_acc
+from trainer.report.runs import Run, evaluated, primary_acc
 from trainer.report.stats import groups
 from trainer.report.table import seconds_text, table_order
 
@@ -93,8 +93,8 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
     # Test accuracy by epoch; unfinished runs dashed.
     ax = figures[1][1]
     for r in ordered:
-        if r.metrics:
-            ax.plot([m["epoch"] for m in r.metrics], [m["test_acc"] for m in r.metrics], marker=".",
+        if rows := evaluated(r.metrics):
+            ax.plot([m["epoch"] for m in rows], [m["test_acc"] for m in rows], marker=".",
                     linestyle="-" if r.finished else "--", color=colour[r.name],
                     label=r.name if r.finished else f"{r.name} ({r.detail})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -105,7 +105,8 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
     ax = figures[2][1]
     for r in finished:
         world = r.summary["world_size"]
-        ax.plot([m["elapsed_s"] * world for m in r.metrics], [m["test_acc"] for m in r.metrics], marker=".",
+        rows = evaluated(r.metrics)
+        ax.plot([m["elapsed_s"] * world for m in rows], [m["test_acc"] for m in rows], marker=".",
                 color=colour[r.name], label=r.name)
         ax.scatter(r.summary["best_epoch_wall_time_s"] * world, primary_acc(r.summary), s=80, marker="*",
                    color=colour[r.name])

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer import UserError
+from trainer import UserError, sweep_file
 from trainer.config import Config, load_config
 from trainer.models import options as model_options
 from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
@@ -18,7 +18,10 @@ from trainer.training import checkpoint
 SUMMARY_NUMBERS = ("best_test_acc", "best_epoch", "train_acc", "gap", "params", "epochs_run", "wall_time_s",
                    "best_epoch_wall_time_s", "world_size")
 SUMMARY_KEYS = ("arch", *SUMMARY_NUMBERS, "gpu_seconds", "device")
-METRIC_KEYS = ("epoch", "test_acc", "images_per_s", "elapsed_s")  # what the table and plots read per epoch
+METRIC_KEYS = ("epoch", "elapsed_s")  # what the table and plots read from every line
+# Numbers when there: an epoch that train.eval_every did not evaluate has no test_acc, and a run's
+# end evaluated on its own (a resumed run ended sooner) has a line without training figures.
+OPTIONAL_METRIC_KEYS = ("test_acc", "images_per_s")
 
 
 @dataclass
@@ -79,14 +82,21 @@ def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
         return [], f"{path}: unreadable ({e.strerror or e})"
     good = []
     for row in rows:
-        if all(is_number(row.get(k)) for k in METRIC_KEYS):
+        if (all(is_number(row.get(k)) for k in METRIC_KEYS)
+                and all(is_number(row[k]) for k in OPTIONAL_METRIC_KEYS if k in row)):
             good.append(row)
         else:
-            skipped.append(f"{path}: epoch {row.get('epoch', '?')} lacks a number for one of {', '.join(METRIC_KEYS)}")
+            skipped.append(f"{path}: epoch {row.get('epoch', '?')} lacks a number for one of "
+                           f"{', '.join(METRIC_KEYS + OPTIONAL_METRIC_KEYS)}")
     if not skipped:
         return good, None
     more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
     return good, f"{skipped[0]}{more}; left out, the other {len(good)} epochs kept"
+
+
+def evaluated(metrics: list[dict]) -> list[dict]:
+    """The lines with a test accuracy: the epochs evaluated (train.eval_every may skip some)."""
+    return [m for m in metrics if "test_acc" in m]
 
 
 def read_run(name: str, run_dir: Path) -> Run:
@@ -121,26 +131,17 @@ def read_run(name: str, run_dir: Path) -> Run:
 
 
 def find_runs(folder: Path) -> tuple[str, list[Run]]:
-    """The report's name and its runs: the archs of sweep.json, or the subfolders with a config.yaml."""
+    """The report's name and its runs: the runs of sweep.json, or the subfolders with a config.yaml."""
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
-    record_path = folder / "sweep.json"
-    if record_path.exists():
-        try:
-            record = json.loads(record_path.read_text())
-            name = str(record["sweep"])
-            # Each job's name and grid point; a sweep from before seeds and grids lists architectures only.
-            jobs = [(r["name"], r["point"]) for r in record["runs"]] if "runs" in record else [
-                (arch, None) for arch in record["archs"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{record_path}: unreadable sweep record ({type(e).__name__}: {e})") from None
-        runs = [read_run(job, folder / job) for job, _ in jobs]
-        for run, (_, point) in zip(runs, jobs):
-            run.point = point
+    if sweep_file.path(folder).exists():
+        record = sweep_file.read(folder)  # a record that cannot be read is one error line naming it
+        runs = [read_run(job.name, folder / job.name) for job in record.runs]
+        for run, job in zip(runs, record.runs):
+            run.point = job.point
         if all(r.status == "not started" for r in runs):
-            what = "architectures" if "runs" not in record else "runs"
-            raise UserError(f"{folder}: no runs at all: none of the sweep's {len(jobs)} {what} has a run folder yet")
-        return name, runs
+            raise UserError(f"{folder}: no runs at all: none of the sweep's {len(runs)} runs has a run folder yet")
+        return record.sweep, runs
     run_dirs = sorted(p.parent for p in folder.glob(f"*/{CONFIG}"))
     if not run_dirs:
         hint = "; it is a run folder itself: pass the folder above it" if (folder / CONFIG).exists() else ""

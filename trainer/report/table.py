@@ -9,6 +9,7 @@ import statistics
 from typing import Any
 
 from trainer import models
+from trainer.data.checks import describe_record
 from trainer.report.runs import Run, primary_acc
 from trainer.report.stats import Group, best_points, groups, has_grid
 
@@ -32,7 +33,7 @@ COLUMNS = [
 def train_images_per_s(metrics: list[dict]) -> tuple[float | None, bool]:
     """The median training images/s over the epochs after the first (which includes compilation and
     the loader's start-up), and whether only the first epoch was there to use."""
-    rates = [m["images_per_s"] for m in metrics]
+    rates = [m["images_per_s"] for m in metrics if "images_per_s" in m]  # not in a line of evaluation alone
     if not rates:
         return None, False
     return (statistics.median(rates[1:]), False) if len(rates) > 1 else (rates[0], True)
@@ -149,10 +150,7 @@ def sweep_header(name: str, runs: list[Run]) -> str:
         cfg = r.config.data if r.config is not None else None
         train = "?" if cfg is None else (f"the first {cfg.train_subset:,}" if cfg.train_subset else "all")
         test = "?" if cfg is None else (f"the first {cfg.test_subset:,}" if cfg.test_subset else "all")
-        sha = (recorded.get("train_sha256") or "?")[:12], (recorded.get("test_sha256") or "?")[:12]
-        text = (f"{recorded.get('dir', '?')} (CIFAR-10 from {recorded.get('source_dir') or 'an unrecorded source'}; "
-                f"train.beton sha256 {sha[0]}…, test.beton {sha[1]}…); trained on {train} training images, "
-                f"tested on {test} test images")
+        text = f"{describe_record(recorded)}; trained on {train} training images, tested on {test} test images"
         data.setdefault(text, []).append(r.name)
         device.setdefault(f"{r.summary['world_size']} x {r.summary['device']}", []).append(r.name)
     for label, found in (("data", data), ("device", device)):

@@ -12,7 +12,7 @@ from trainer import UserError
 
 from trainer.logger import resolve_wandb_mode
 from trainer.report.ensemble import EnsembleResult
-from trainer.report.runs import Run
+from trainer.report.runs import Run, evaluated
 from trainer.report.table import COLUMNS
 
 
@@ -62,11 +62,12 @@ def charts(wandb: Any, table: Any, rows: list[dict], runs: list[Run]) -> dict[st
     if seconds is not None:
         out["charts/acc_vs_seconds"] = wandb.plot.scatter(table, seconds, "test_acc",
                                                           title=f"best test accuracy (%) vs {seconds}")
-    curves = [r for r in runs if r.metrics]
+    curves = [(r, evaluated(r.metrics)) for r in runs if evaluated(r.metrics)]
     if curves:
         out["charts/test_acc_curves"] = wandb.plot.line_series(
-            xs=[[m["epoch"] for m in r.metrics] for r in curves], ys=[[m["test_acc"] for m in r.metrics] for r in curves],
-            keys=[r.name for r in curves], title="test accuracy (%) per epoch", xname="epoch")
+            xs=[[m["epoch"] for m in rows] for _, rows in curves],
+            ys=[[m["test_acc"] for m in rows] for _, rows in curves],
+            keys=[r.name for r, _ in curves], title="test accuracy (%) per epoch", xname="epoch")
     return out
 
 

@@ -4,7 +4,8 @@ The budget counts the clock of progress.elapsed_s (and summary.json's wall_time_
 evaluating, checkpointing and compiling. Nothing of that is known before the run, so the first steps
 measure it (Calibration), on the real network, data and ranks, and `fit_steps` then chooses the
 total number of steps so that the rest of the run (its steps, an evaluation and a checkpoint at
-every epoch end and at the plan's end, and a margin) ends inside the budget. The plan is in steps,
+each epoch end that train.eval_every evaluates and at the plan's end, and a margin) ends inside the
+budget. The plan is in steps,
 not epochs: a network whose one epoch is longer than the budget trains part of an epoch, which is
 then evaluated as an epoch of its own. It is fitted once, from all-reduced numbers (the same on
 every rank), and kept in the checkpoint, so a resumed run follows it instead of measuring again.
@@ -57,20 +58,24 @@ def margin_s(budget_s: float, step_s: float) -> float:
     return 0.03 * budget_s + 2 * step_s
 
 
-def evaluations(total_steps: int, epochs_done: int, steps_per_epoch: int) -> int:
+def evaluations(total_steps: int, epochs_done: int, steps_per_epoch: int, eval_every: int = 1) -> int:
     """Evaluations (each with a checkpoint) still to come in a plan of `total_steps`: one at each
-    epoch end before the plan's end (after the `epochs_done` already evaluated), and one at its end."""
-    ends_before = max(0, math.ceil(total_steps / steps_per_epoch) - 1 - epochs_done)
-    return ends_before + 1
+    epoch end before the plan's end that train.eval_every evaluates (every `eval_every`-th epoch;
+    none with 0), after the `epochs_done` already trained, and one at the plan's end."""
+    last_before = math.ceil(total_steps / steps_per_epoch) - 1  # the last epoch that ends before the plan does
+    if not eval_every or last_before <= epochs_done:
+        return 1
+    return last_before // eval_every - epochs_done // eval_every + 1
 
 
 def fit_steps(budget_s: float, elapsed_s: float, step: int, epochs_done: int, steps_per_epoch: int,
-              max_steps: int, step_s: float, eval_s: float, checkpoint_s: float, margin: float) -> int:
+              max_steps: int, step_s: float, eval_s: float, checkpoint_s: float, margin: float,
+              eval_every: int = 1) -> int:
     """The most total steps (from `step`, at most `max_steps`) whose remaining cost fits the budget;
     `step` itself when not even one more does (the plan then ends now)."""
 
     def cost(total: int) -> float:
-        ends = evaluations(total, epochs_done, steps_per_epoch)
+        ends = evaluations(total, epochs_done, steps_per_epoch, eval_every)
         return elapsed_s + (total - step) * step_s + ends * (eval_s + checkpoint_s) + margin
 
     low, high = step, max(step, max_steps)  # cost grows with total: bisect for the last that fits

@@ -23,13 +23,15 @@ def tta_views(tta: bool, tta_translate: int) -> int:
 
 def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """The images of `x` (..., H, W) moved `dy` pixels down and `dx` right (negative: up, left), the
-    uncovered border filled by reflection, in x's memory format. |dy|, |dx| must be below H, W (reflect
+    uncovered border filled by reflection, in x's dtype and memory format. |dy|, |dx| must be below H, W (reflect
     padding's own limit)."""
     py, px = abs(dy), abs(dx)
     h, w = x.shape[-2:]
     if py >= h or px >= w:
         raise ValueError(f"tta_translate: a shift of {max(py, px)} pixels needs images larger than that, got {h}x{w}")
-    padded = F.pad(x, (px, px, py, py), mode="reflect")
+    # Back to x's dtype: autocast runs reflect padding in float32, and a float32 view would make a
+    # compiled network trace (and compile) a second graph for it.
+    padded = F.pad(x, (px, px, py, py), mode="reflect").to(x.dtype)
     # Output pixel (i, j) is input pixel (i - dy, j - dx), which sits at (i - dy + py, j - dx + px) in `padded`.
     top, left = py - dy, px - dx
     return padded[..., top:top + h, left:left + w].contiguous(memory_format=_memory_format(x))

@@ -7,26 +7,40 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from trainer import UserError
+
+# airbench94's schedule (airbench94.py): the factor on the peak lr at the start, where the peak is
+# (a fraction of the total steps), and at the end; linear in between.
+AIRBENCH_START, AIRBENCH_PEAK_AT, AIRBENCH_END = 0.2, 0.23, 0.07
+
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, bias_lr_mult: float = 1.0) -> list[dict]:
     """Weight decay on weights of convolutions and linear layers only: decaying BatchNorm scales
     and biases only fights the normalisation and costs accuracy.
 
-    With `bias_lr_mult` other than 1, the biases (BatchNorm's included, by name: `*.bias`) get a
-    group of their own with `lr` times it (airbench trains them 64x faster); BatchNorm scales keep
-    `lr`. With 1 they stay in the no-decay group, so the groups (and checkpoints) are as they always
-    were. Each group carries its `lr`, which LambdaLR takes as that group's base learning rate.
+    With `bias_lr_mult` other than 1, the BatchNorm biases get a group of their own with `lr` times
+    it (airbench trains them 64x faster); every other parameter, BatchNorm scales and other biases
+    (the patch-whitening layer's, a conv's) included, keeps `lr`, as in airbench. BatchNorm biases
+    are found by module type: a name ending in `bias` says nothing about the layer it belongs to.
+    With 1 they stay in the no-decay group, so the groups (and checkpoints) are as they always were.
+    Each group carries its `lr`, which LambdaLR takes as that group's base learning rate.
     Frozen parameters (requires_grad False: patch whitening, frozen BatchNorm scales) are left out:
     the optimizer has nothing to do with them."""
     if bias_lr_mult != 1.0 and lr is None:
         raise ValueError("param_groups: bias_lr_mult needs the base lr")
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._NormBase) and m.bias is not None}
+    if bias_lr_mult != 1.0 and not norm_biases:
+        # The option would change nothing: refused, as the model options refuse a network they cannot change.
+        raise UserError(f"optim.bias_lr_mult: the network has no BatchNorm bias to apply it to; "
+                        f"set optim.bias_lr_mult=1 (got {bias_lr_mult:g})")
     decay, no_decay, biases = [], [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         if p.ndim > 1:
             decay.append(p)
-        elif bias_lr_mult != 1.0 and name.rsplit(".", 1)[-1] == "bias":
+        elif bias_lr_mult != 1.0 and id(p) in norm_biases:
             biases.append(p)
         else:
             no_decay.append(p)
@@ -39,10 +53,16 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
-    """Per-iteration factor on the peak LR: linear warmup from ~0, then down to 0 along a cosine or
-    a straight line ("triangle": with the warmup the learning rate draws one)."""
-    if schedule not in ("cosine", "triangle"):
+    """Per-iteration factor on the peak LR. cosine, triangle: linear warmup from ~0, then down to 0
+    along a cosine or a straight line ("triangle": with the warmup the learning rate draws one).
+    airbench: airbench94's own shape, its warmup built in (warmup_steps must be 0): linear from 0.2
+    at step 0 to 1 at 23% of the steps, then linear to 0.07 at the last step, and 0.07 after it."""
+    if schedule not in ("cosine", "triangle", "airbench"):
         raise ValueError(f"unknown schedule '{schedule}'")
+    if schedule == "airbench":
+        if warmup_steps:
+            raise ValueError(f"schedule airbench has its own warmup; got warmup_steps={warmup_steps}")
+        return _airbench(total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -51,5 +71,17 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[i
         if schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         return 1.0 - progress
+
+    return factor
+
+
+def _airbench(total_steps: int) -> Callable[[int], float]:
+    total = max(1, total_steps)
+    peak = AIRBENCH_PEAK_AT * total  # > 0: a one-step run starts the rise and ends at the end value
+
+    def factor(step: int) -> float:
+        if step <= peak:
+            return AIRBENCH_START + (1.0 - AIRBENCH_START) * step / peak
+        return 1.0 + (AIRBENCH_END - 1.0) * min(1.0, (step - peak) / (total - peak))
 
     return factor

@@ -44,6 +44,9 @@ class Progress:
     # train.budget_s: the plan fitted to the budget, None until it is (or without a budget). A
     # resumed run follows it rather than measuring again, so every segment trains to the same end.
     plan: Plan | None = None
+    # The last epoch whose test (and validation) set was evaluated: train.eval_every skips some.
+    evaluated_epoch: int = 0
+    last_train_acc: float = 0.0  # of the last epoch trained (its evaluation may come at the run's end)
 
     @property
     def mid_epoch(self) -> bool:
@@ -54,6 +57,7 @@ class Progress:
         selected epoch: a higher validation accuracy, or test accuracy without validation. Ties keep
         the earlier epoch."""
         self.last_test_acc, self.last_val_acc = test_acc, val_acc
+        self.evaluated_epoch = self.epoch
         if test_acc > self.best_test_acc:
             self.best_test_acc, self.best_test_epoch = test_acc, self.epoch
         candidate = Best(test_acc, self.epoch, train_acc, self.elapsed_s, val_acc)
@@ -71,10 +75,11 @@ class Progress:
     def from_dict(cls, state: dict[str, Any]) -> Progress:
         """The progress stored in `state` (a checkpoint's top level; other keys are ignored). Fields
         added since checkpoints were first written get what an older checkpoint implies: it selected
-        on the test set, so its best epoch is also its best-test epoch."""
+        on the test set, so its best epoch is also its best-test epoch, and it evaluated every epoch."""
         best = state["best"]
         implied = {"compile_s": 0.0, "best_test_acc": best["test_acc"], "best_test_epoch": best["epoch"],
-                   "last_val_acc": None, "plan": None}
+                   "last_val_acc": None, "plan": None, "evaluated_epoch": state["epoch"],
+                   "last_train_acc": best["train_acc"]}
         values = {f.name: state[f.name] if f.name in state or f.name not in implied else implied[f.name]
                   for f in fields(cls)}
         plan = Plan(**values["plan"]) if values["plan"] is not None else None

@@ -138,15 +138,6 @@ def _check_history(run_dir: Path) -> None:
                         f"{run_files.RESTART_HINT}")
 
 
-def _aside(run_dir: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 1000):
-        aside = run_dir.with_name(f"{run_dir.name}{run_files.REPLACED}{stamp}" + (f"-{n}" if n > 1 else ""))
-        if not aside.exists():
-            return aside
-    raise UserError(f"{run_dir}: too many replaced copies named {aside.name}")
-
-
 def claim_run_dir(run_dir: Path, restart: bool = False) -> Claim:
     """Takes the run folder for this process (see Claim); with `restart`, first moves the folder
     aside (renamed, never deleted) so the run starts afresh in an empty one."""
@@ -154,7 +145,7 @@ def claim_run_dir(run_dir: Path, restart: bool = False) -> Claim:
     try:
         _lock(claim)
         if restart and any(p.name != run_files.LOCK for p in run_dir.iterdir()):
-            claim.replaced = _aside(run_dir)
+            claim.replaced = run_files.aside_path(run_dir)
             run_dir.rename(claim.replaced)  # its lock goes with it, still held: no one starts in it meanwhile
             _lock(claim)
         elif not restart:

@@ -77,3 +77,14 @@ def should_stop(
     if epoch >= cfg.epochs:
         return Stop(Reason.EPOCHS_DONE, f"all {cfg.epochs} epochs trained")
     return None
+
+
+def evaluates(progress: Progress, cfg: TrainConfig) -> bool:
+    """Whether the epoch just completed (progress.epoch, its time in progress.elapsed_s) is evaluated
+    and checkpointed: every train.eval_every epochs, and whenever the run ends after it, whatever
+    ends it. The end is decided by should_stop itself, from the same numbers, so a run can never
+    end on an epoch that was not evaluated (evaluating only adds time: an ending run stays ended)."""
+    if cfg.eval_every and progress.epoch % cfg.eval_every == 0:
+        return True
+    stop = should_stop(progress, cfg)
+    return stop is not None and stop.ends_run

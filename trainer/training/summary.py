@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +10,8 @@ import torch.nn as nn
 
 from trainer import provenance
 from trainer.config import Config
-from trainer.data.checks import check_beton, data_record
-from trainer.data.common import split_record
+from trainer.data.checks import data_record
+from trainer.data.common import split_record, train_labels
 from trainer.device import amp_dtype, device_name, precision_name
 from trainer.distributed import Dist, hosts
 from trainer.training.progress import Progress
@@ -34,7 +33,7 @@ def _split_record(cfg: Config) -> dict | None:
     """The validation split's record (common.split_record), None without one."""
     if not cfg.data.val_split:
         return None
-    return split_record(check_beton(Path(cfg.data.dir) / "train.beton"), cfg.data)
+    return split_record(train_labels(cfg.data), cfg.data)
 
 
 def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: bool) -> dict[str, Any]:
@@ -78,8 +77,9 @@ def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: 
         "torch_version": torch.__version__,
         "git_sha": provenance.git_sha(),
         "command": provenance.command(),
-        # The record checks.verify made when the loaders were built: hashes of the files as read, not the sidecar's.
+        # The record checks.verify (or verify_python, data.format=python) made when the loaders were built:
+        # hashes of the files as read, not the sidecar's.
         # The validation split (images, seed, a hash of the indices held out) joins it: None without one.
-        "data": {**data_record(cfg.data.dir), "val_split": _split_record(cfg)},
+        "data": {**data_record(cfg.data.dir, cfg.data.format), "val_split": _split_record(cfg)},
         "finished_at": datetime.now().isoformat(timespec="seconds"),
     }

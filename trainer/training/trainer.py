@@ -6,6 +6,7 @@ mid-epoch if need be."""
 from __future__ import annotations
 
 import io
+import os
 import resource
 import signal
 import time
@@ -25,7 +26,7 @@ from trainer.config import Config
 from trainer.data import build_loaders, build_val_loader
 from trainer.data.common import DTYPES, default_threads, per_process_batch
 from trainer.data.resident import normalised_images
-from trainer.device import amp_dtype
+from trainer.device import amp_dtype, fast_cuda_math
 from trainer.distributed import Dist
 from trainer.logger import NullLogger
 from trainer.models import options as model_options
@@ -40,6 +41,10 @@ from trainer.training.progress import Progress
 from trainer.training.summary import ranks_in_sync, summary
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+# torch.compile's backend. Tests of the compiled DDP path set aot_eager: the same dynamo graphs,
+# DDP bucket split and AOT-autograd backward, without inductor's code generation (minutes on a
+# small shared CPU). Read here only.
+COMPILE_BACKEND = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
 WHITENING_IMAGES = 5000  # training images the patch-whitening layer is fitted to (airbench uses 5,000 too)
 
 
@@ -108,11 +113,8 @@ class Trainer:
         self.stop_check = StopCheck(cfg.train.stop_check_s, group.device)
         device = group.device
         if device.type == "cuda":
-            # Every training batch has the same shape (drop_last) and so has every test batch
-            # (evaluate pads the last one), so cuDNN's one-off search for the fastest algorithms
-            # pays off. A GPU run must confirm the speed-up; it also makes results differ from run
-            # to run in the last bits (see the resume note in run.py).
-            torch.backends.cudnn.benchmark = True
+            # TF32 and cuDNN's algorithm search, as the step bench sets them (so their numbers compare).
+            fast_cuda_math()
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.threads = cfg.train.threads or default_threads()
@@ -148,9 +150,14 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
         self.use_compile = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
-        # Compile first, then wrap in DDP (DDP(compiled) lets DDP's hooks see whole graphs);
-        # state is always saved from and loaded into self.model, so no prefixes leak into files.
-        self.compiled = torch.compile(self.model) if self.use_compile else self.model
+        # Compile the plain module, then wrap it in DDP (what PyTorch's "Where to apply
+        # torch.compile?" recommends). The backward still overlaps the gradient all-reduce: dynamo
+        # compiles the module's frame while DDP's forward is active, and then its DDPOptimizer splits
+        # the graph at DDP's bucket boundaries, so each bucket's hook fires as soon as its gradients
+        # are computed. Wrapping first and compiling the DDP module splits identically on torch 2.14
+        # (measured), but adds graph breaks in DDP's own forward. Evaluation runs self.compiled, no DDP.
+        # State is always saved from and loaded into self.model, so no prefixes leak into files.
+        self.compiled = torch.compile(self.model, backend=COMPILE_BACKEND) if self.use_compile else self.model
         self.compile_s = 0.0  # this process's compile time, not yet added to the progress
         self.train_compiled = self.eval_compiled = not self.use_compile
         self.ddp = DDP(self.compiled, device_ids=[device.index] if device.type == "cuda" else None) if group.enabled else None
@@ -360,57 +367,105 @@ class Trainer:
             self.eval_compiled = True
         return net
 
-    def _end_epoch(self, logger: NullLogger, start: float, images_before: float, sums: list[float]) -> None:
-        """Evaluates the epoch just trained, records it in the progress, saves and logs it."""
+    def _end_epoch(self, logger: NullLogger, start: float, images_before: float, sums: list[float]) -> bool:
+        """Records the epoch just trained in the progress and logs it; evaluates and saves it when
+        stopping.evaluates says so (train.eval_every, the run's end). True if it saved last.pt."""
         group, progress = self.group, self.progress
-        train_s = time.perf_counter() - start - self.compile_s  # compiling so far: the first training step's
-        net = self._eval_net()
-        val = self._evaluate(net, self.val_loader) if self.val_loader is not None else None
-        test_loss, test_acc, _ = self._evaluate(net, self.test_loader)
-        compile_s = self._take_compile_s()
-        epoch_s = time.perf_counter() - start  # compiling included: it is spent, and it counts in the budget
-        progress.elapsed_s += epoch_s
+        trained = time.perf_counter()
+        train_s = trained - start - self.compile_s  # compiling so far: the first training step's
+        elapsed_before = progress.elapsed_s
         steps = progress.epoch_step  # steps_per_epoch, or fewer where a budget's plan ended mid-epoch
         progress.epoch += 1
         progress.epoch_step = 0
         self.train_sums.zero_()
-        train_acc = 100.0 * sums[1] / sums[2]
+        progress.elapsed_s += trained - start
+        self._sync_clock()  # the slowest rank's clock: every rank takes the same decision here
+        evaluated = stopping.evaluates(progress, self.cfg.train)
+        val = test = None
+        if evaluated:
+            val, test = self._evaluation()
+            progress.elapsed_s += time.perf_counter() - trained  # evaluating counts, in the budget too
+            self._sync_clock()
+        compile_s = self._take_compile_s()
+        train_acc = progress.last_train_acc = 100.0 * sums[1] / sums[2]
         metrics = {
             "epoch": progress.epoch,
             "steps": steps,
             "train_loss": sums[0] / sums[2],
             "train_acc": train_acc,
         }
+        # An epoch not evaluated has no val_*/test_* keys (train.eval_every).
         if val is not None:  # val_images: counted over every rank's shard, data.val_split when each counts once
             metrics.update(val_loss=val[0], val_acc=val[1], val_images=val[2])
+        if test is not None:
+            metrics.update(test_loss=test[0], test_acc=test[1])
         metrics |= {
-            "test_loss": test_loss,
-            "test_acc": test_acc,
             # The next step's (the weights' group): get_last_lr() would miss a schedule set since (a budget's fit).
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": (sums[2] - images_before * group.world_size) / train_s,
-            "epoch_s": epoch_s,
+            "epoch_s": progress.elapsed_s - elapsed_before,  # compiling included: it is spent, and counts in the budget
             "compile_s": compile_s,  # the part of epoch_s spent compiling
             "peak_mem_mb": _peak_memory_mb(group.device),
             "elapsed_s": progress.elapsed_s,
         }
-        # Selected on the validation accuracy when there is a split (the EMA's and with TTA if on,
-        # as the test accuracy): the test set then chooses nothing, it is only reported.
-        selected = progress.record_epoch(test_acc, val[1] if val is not None else None, train_acc)
-        if selected and group.is_main:
-            weights = (self.ema.module if self.ema else self.model).state_dict()
-            with naming(self.ckpt_dir / checkpoint.BEST):
-                checkpoint.save_best(self.ckpt_dir, weights, self.cfg, progress.best)
-        self.save_last()
+        if evaluated:
+            self._record_evaluation(val, test, train_acc)
         with naming(self.run_dir / run_files.METRICS):
             logger.log_epoch(metrics)
         logger.info(
             f"epoch {progress.epoch:3d}  train loss {metrics['train_loss']:.3f} acc {train_acc:5.2f}  "
             + (f"val loss {val[0]:.3f} acc {val[1]:5.2f}  " if val is not None else "")
-            + f"test loss {test_loss:.3f} acc {test_acc:5.2f}  {metrics['images_per_s']:,.0f} img/s  "
-            f"{metrics['epoch_s']:.1f} s"
+            + (f"test loss {test[0]:.3f} acc {test[1]:5.2f}  " if test is not None else "")
+            + f"{metrics['images_per_s']:,.0f} img/s  {metrics['epoch_s']:.1f} s"
             + (f"  (partial: {steps} of {self.steps_per_epoch} steps)" if steps < self.steps_per_epoch else "")
+            + ("" if evaluated else f"  (not evaluated: train.eval_every={self.cfg.train.eval_every})")
         )
+        return evaluated
+
+    def _sync_clock(self) -> None:
+        """The slowest rank's elapsed time on every rank (a collective): whether the run ends, and so
+        whether an epoch is evaluated, follows from it (train.time_budget_s), and every rank must agree."""
+        if self.group.enabled:
+            clock = torch.tensor([self.progress.elapsed_s], dtype=torch.float64, device=self.group.device)
+            self.progress.elapsed_s = all_reduce_max(clock, self.group.device).item()
+
+    def _evaluation(self) -> tuple[tuple[float, float, int] | None, tuple[float, float, int]]:
+        """The validation set's (None without one) and the test set's loss, accuracy and count."""
+        net = self._eval_net()
+        val = self._evaluate(net, self.val_loader) if self.val_loader is not None else None
+        return val, self._evaluate(net, self.test_loader)
+
+    def _record_evaluation(self, val: tuple[float, float, int] | None, test: tuple[float, float, int],
+                           train_acc: float) -> None:
+        """Notes the evaluation of progress.epoch, saves best.pt if it is the new selected epoch, and last.pt."""
+        # Selected on the validation accuracy when there is a split (the EMA's and with TTA if on,
+        # as the test accuracy): the test set then chooses nothing, it is only reported.
+        selected = self.progress.record_epoch(test[1], val[1] if val is not None else None, train_acc)
+        if selected and self.group.is_main:
+            weights = (self.ema.module if self.ema else self.model).state_dict()
+            with naming(self.ckpt_dir / checkpoint.BEST):
+                checkpoint.save_best(self.ckpt_dir, weights, self.cfg, self.progress.best)
+        self.save_last()
+
+    def _evaluate_end(self, logger: NullLogger) -> None:
+        """Evaluates a run that ends on an epoch trained but not evaluated. Only a resumed run whose
+        config ends it sooner than before (train.epochs, train.time_budget_s lowered) gets here: a
+        run otherwise evaluates every epoch it ends on (stopping.evaluates). Its metrics line holds
+        the evaluation alone (steps 0); the epoch's training figures are in the line before."""
+        progress, start = self.progress, time.perf_counter()
+        val, test = self._evaluation()
+        progress.elapsed_s += time.perf_counter() - start
+        self._sync_clock()
+        metrics: dict[str, Any] = {"epoch": progress.epoch, "steps": 0}
+        if val is not None:
+            metrics.update(val_loss=val[0], val_acc=val[1], val_images=val[2])
+        metrics |= {"test_loss": test[0], "test_acc": test[1], "epoch_s": time.perf_counter() - start,
+                    "compile_s": self._take_compile_s(), "elapsed_s": progress.elapsed_s}
+        self._record_evaluation(val, test, progress.last_train_acc)
+        with naming(self.run_dir / run_files.METRICS):
+            logger.log_epoch(metrics)
+        logger.info(f"epoch {progress.epoch:3d}  evaluated at the run's end: test loss {test[0]:.3f} "
+                    f"acc {test[1]:5.2f}")
 
     def _take_compile_s(self) -> float:
         """The compile time since the last call, added to the progress's total. The wall times and the
@@ -454,7 +509,7 @@ class Trainer:
         budget_s = cfg.train.budget_s
         margin_s = budget.margin_s(budget_s, step_s)
         total = budget.fit_steps(budget_s, elapsed, progress.global_step, progress.epoch, self.steps_per_epoch,
-                                 self.max_steps, step_s, eval_s, checkpoint_s, margin_s)
+                                 self.max_steps, step_s, eval_s, checkpoint_s, margin_s, cfg.train.eval_every)
         progress.plan = budget.Plan(
             budget_s=budget_s, calibrated_at=progress.global_step, step_s=step_s, eval_s=eval_s,
             checkpoint_s=checkpoint_s, margin_s=margin_s, total_steps=total, epochs=total / self.steps_per_epoch,
@@ -502,6 +557,7 @@ class Trainer:
         if plan is not None and plan.budget_s != self.cfg.train.budget_s:
             logger.info(f"following the checkpoint's plan for train.budget_s={plan.budget_s:g}, not "
                         f"{self.cfg.train.budget_s:g}: {plan.total_steps} steps")
+        saved = True  # last.pt holds the state as it is now
         with self._catching_stop_signals(), tracking():
             while (stop := stopping.should_stop(self.progress, self.cfg.train, self.stop_after_epoch,
                                                 self._signalled())) is None:
@@ -512,12 +568,17 @@ class Trainer:
                 finished = self.train_epoch(logger)
                 sums = all_reduce_sum(self.train_sums.clone(), self.group.device).tolist()
                 if finished:
-                    self._end_epoch(logger, start, images_before, sums)
+                    saved = self._end_epoch(logger, start, images_before, sums)
                 else:  # paused mid-epoch: should_stop names the signal next
                     self._take_compile_s()
                     self.progress.elapsed_s += time.perf_counter() - start
                     self.save_last()
-        if not stop.ends_run:
-            raise stopping.Stopped(stop.message, self.stop_signal)
+                    saved = True
+            if not stop.ends_run:
+                if not saved:  # paused after an epoch that was not evaluated (train.eval_every)
+                    self.save_last()
+                raise stopping.Stopped(stop.message, self.stop_signal)
+            if self.progress.evaluated_epoch < self.progress.epoch:
+                self._evaluate_end(logger)
         logger.info(stop.message)
         return summary(self.cfg, self.progress, self.params, self.group, ranks_in_sync(self.model, self.group))

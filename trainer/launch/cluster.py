@@ -1,0 +1,102 @@
+"""The cluster settings: where and how big each job of a sweep is (the --cluster YAML, -C and --nodes).
+
+The schema is strict like the trainer's config (an unknown key, a wrong type or a bad value is one
+line naming it); slurm/example-cluster.yaml documents every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import ConfigError, load_dataclass, parse_override, parse_yaml
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how big each job is; slurm/example-cluster.yaml documents every key."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 720  # the job's time limit, minutes
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # default: one per GPU, or 1 without GPUs
+    cpus_per_task: int = 8
+    mem_gb: int | None = None  # per node
+    constraint: str | None = None
+    signal_delay_s: int = 120  # USR2 this long before the time limit
+    array_parallelism: int = 8  # jobs of the sweep running at once
+    nodes: int = 1
+    # --local only: jobs that share one GPU (or one group of gpus_per_node), for runs too small to
+    # fill a GPU; SLURM jobs never share theirs.
+    jobs_per_gpu: int = 1
+    gres: str | None = None  # e.g. "gpu:a100:4", for clusters that take GPUs only as --gres (replaces --gpus-per-node)
+    mem_per_gpu: int | None = None  # GB per GPU, instead of mem_gb (SLURM takes one of the two)
+    exclude: str | None = None  # nodes never to use, e.g. "node[07,12]"
+    # Lines the batch script runs before srun starts the trainers: `module load cuda/12.4`,
+    # `source /path/to/venv/bin/activate`, `conda activate cifar`...
+    setup: list[str] = field(default_factory=list)
+    # Further sbatch options as "name=value" (or "name" alone), e.g. "reservation=gpu-week", "exclusive".
+    sbatch: list[str] = field(default_factory=list)
+    # How many times a job that reaches its time limit is requeued (it resumes from its checkpoint);
+    # submitit's default is 3. A 150-epoch run on a 2-hour partition needs more: about total time /
+    # time_min. Preemptions do not count against it.
+    max_requeues: int = 3
+    # An Apptainer image (.sif) to run each job's Python in (`apptainer exec --nv IMAGE python`), e.g.
+    # one built from containers/cifar-infinity.def; null: the launcher's own interpreter. The image
+    # must hold this version of the project: the jobs unpickle the launcher's job objects.
+    container: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("time_min", "cpus_per_task", "array_parallelism", "nodes", "jobs_per_gpu"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node: must not be negative, got {self.gpus_per_node}")
+        if self.tasks_per_node is not None and self.tasks_per_node < 1:
+            raise ValueError(f"tasks_per_node: must be at least 1, got {self.tasks_per_node}")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ValueError("tasks_per_node: must equal gpus_per_node (one task per GPU)")
+        if self.signal_delay_s < 0 or self.signal_delay_s >= 60 * self.time_min:
+            raise ValueError(f"signal_delay_s: must be within the time limit ({60 * self.time_min} s)")
+        if self.mem_per_gpu is not None and self.mem_gb is not None:
+            raise ValueError("mem_per_gpu: SLURM takes mem_gb (per node) or mem_per_gpu, not both; set the other to null")
+        if self.mem_per_gpu is not None and self.mem_per_gpu < 1:
+            raise ValueError(f"mem_per_gpu: must be at least 1 (GB), got {self.mem_per_gpu}")
+        if self.max_requeues < 0:
+            raise ValueError(f"max_requeues: must not be negative, got {self.max_requeues}")
+        self.sbatch_options()  # malformed entries fail when the file is read
+
+    def sbatch_options(self) -> dict[str, str | bool]:
+        """The `sbatch` entries as submitit's additional_parameters: "name=value" or a bare flag."""
+        options: dict[str, str | bool] = {}
+        for entry in self.sbatch:
+            name, eq, value = entry.partition("=")
+            name = name.strip().removeprefix("--")
+            if not name or " " in name or (eq and not value.strip()):
+                raise ValueError(f"sbatch: '{entry}' is not 'name=value' or 'name' (e.g. 'reservation=gpu-week')")
+            options[name] = value.strip() if eq else True
+        return options
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+def load_cluster(path: Path, sets: list[str], nodes: int | None) -> ClusterConfig:
+    """The settings of the file `path`, then each -C key=value of `sets`, then --nodes."""
+    layers = [(str(path), _read_yaml(path))]
+    layers += [(f"--set '{o}'", parse_override(o)) for o in sets]
+    if nodes is not None:
+        layers.append(("--nodes", {"nodes": nodes}))
+    return load_dataclass(ClusterConfig, layers)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read cluster settings ({e.strerror})") from None
+    data = parse_yaml(text, str(path))
+    return data if data is not None else {}

@@ -1,0 +1,208 @@
+"""The plan of a sweep: which jobs, with which config and overrides, where their run folders are,
+and which of them to submit now (a re-launch skips jobs that finished or are still queued).
+
+Each architecture trains with the recipe config its ModelSpec names (jobs/configs/), then the
+profile's overrides (jobs/profiles.yaml), then the command line's, then its grid point's and seed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from trainer import UserError, models, run_files, sweep_file
+from trainer.config import ConfigError, load_config, parse_yaml
+from trainer.data.checks import verify, verify_python
+from trainer.launch.cluster import ClusterConfig, load_cluster
+from trainer.launch.grid import CONFIRM_ABOVE, expand_grid, name_width, plan_jobs
+from trainer.launch.job import ACTIVE_STATES, TrainJob, job_handle
+from trainer.provenance import git_sha
+from trainer.sweep_file import Job, SweepFileError, SweepRecord
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "jobs/configs"
+PROFILES = REPO / "jobs/profiles.yaml"
+
+
+def config_path(arch: str) -> Path:
+    """The recipe config `arch` trains with: the file under jobs/configs/ that its ModelSpec names."""
+    return recipe_path(models.spec(arch))
+
+
+def recipe_path(spec: models.ModelSpec) -> Path:
+    # An architecture without its own recipe is refused by name: another network's is no default.
+    if spec.recipe is None:
+        raise UserError(f"architecture '{spec.name}' names no recipe config: add recipe=\"<file under {CONFIGS}>\" "
+                        "to its register line in trainer/models/__init__.py")
+    path = CONFIGS / spec.recipe
+    if not path.is_file():
+        raise UserError(f"architecture '{spec.name}': its recipe config {path} does not exist")
+    return path
+
+
+def load_profiles() -> dict[str, list[str]]:
+    data = parse_yaml(PROFILES.read_text(), str(PROFILES))
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(o, str) for o in v) for v in data.values()
+    ):
+        raise ConfigError(f"{PROFILES}: expected a mapping of profile name to a list of key=value strings")
+    return data
+
+
+def default_sweep_id() -> str:
+    sha = (git_sha() or "nogit")[:7]
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{sha}"
+
+
+@dataclass
+class Plan:
+    """One sweep as resolved before anything is submitted."""
+
+    sweep: str
+    sweep_dir: Path
+    archs: list[str]
+    overrides: list[str]  # what every job shares: profile + command line (less the grid) + the sweep's W&B group
+    cluster: ClusterConfig
+    executor: str  # "slurm" or "local"
+    profile: str
+    runs: list[Job] = field(default_factory=list)  # architectures x grid points x seeds
+    jobs: dict[str, dict] = field(default_factory=dict)  # job name -> {"job_id", "submitted"}
+
+    def job(self, name: str) -> Job:
+        return next(j for j in self.runs if j.name == name)
+
+    def run_dir(self, name: str) -> Path:
+        return self.sweep_dir / name
+
+    def job_overrides(self, job: Job) -> list[str]:
+        """What `job` passes to the trainer after its config file (one list for both the job and
+        the dry run's command, so the dry run shows what runs)."""
+        return [f"model.arch={job.arch}", *self.overrides, *job.overrides]
+
+    def command(self, job: Job) -> list[str]:
+        return ["python", "-m", "trainer", "--config", str(config_path(job.arch)), "--run-dir",
+                str(self.run_dir(job.name)), *self.job_overrides(job)]
+
+    def train_job(self, job: Job) -> TrainJob:
+        return TrainJob(config_path(job.arch), self.job_overrides(job), self.run_dir(job.name))
+
+    def save(self) -> None:
+        sweep_file.write(self.sweep_dir, SweepRecord(self.sweep, self.runs, self.archs, self.executor, self.profile,
+                                                     self.overrides, asdict(self.cluster), self.jobs, git_sha()))
+
+    def move_aside(self, names: list[str]) -> None:
+        """--force keeps what a previous run wrote: the folder is renamed, not deleted."""
+        for name in names:
+            kept = run_files.move_aside(self.run_dir(name))
+            if kept is not None:
+                print(f"{name:15s} previous run kept as {kept}")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.all:
+        archs = models.seed_names()
+    else:
+        archs = models.parse_names(args.arch, "--arch")
+
+    profiles = load_profiles()
+    if args.profile not in profiles:
+        raise UserError(f"--profile: unknown profile '{args.profile}'; defined in {PROFILES}: {', '.join(profiles)}")
+
+    cluster = load_cluster(args.cluster, args.set, args.nodes)
+
+    # Whether SLURM answers is checked by run(), and only when something is to be submitted: a dry
+    # run shows the plan on a machine without a live controller too.
+    executor = "local" if args.local or shutil.which("sbatch") is None else "slurm"
+    if executor == "local" and cluster.nodes > 1:
+        raise UserError("--nodes: the local executor runs on this machine only (nodes: 1)")
+    sweep = args.sweep or default_sweep_id()
+    if "/" in sweep or sweep.startswith("."):
+        raise UserError(f"--sweep: '{sweep}' is not a plain folder name")
+    # Comma lists on the command line make the grid; the profile's values are single.
+    shared, points = expand_grid(args.overrides)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds: must be at least 1, got {args.seeds}")
+        if any(o.startswith("train.seed=") for o in shared + [o for _, p in points for o in p]):
+            raise UserError("--seeds sets train.seed (0..N-1) itself: drop the train.seed override")
+    runs = plan_jobs(archs, points, args.seeds)
+    if len(runs) > CONFIRM_ABOVE and not args.yes and not args.dry_run:
+        raise UserError(f"{len(runs)} jobs ({len(archs)} architecture(s) x {len(points)} grid point(s) x "
+                        f"{args.seeds or 1} seed(s)): more than {CONFIRM_ABOVE}; add --yes to submit them "
+                        "(--dry-run lists them)")
+    overrides = [*profiles[args.profile], *shared, f"logging.group={sweep}"]
+
+    # Every job's config must resolve, and its data must exist, before anything is submitted (the
+    # seeds of an architecture and point differ in train.seed only: their first stands for them).
+    for job in [j for j in runs if j.seed in (None, 0)]:
+        arch = job.arch
+        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, *job.overrides])
+        ensure_data(cfg.data.dir, cfg.data.format)  # damaged or foreign data fails here, before anything is queued
+    return Plan(sweep, Path(args.runs) / sweep, archs, overrides, cluster, executor, args.profile, runs)
+
+
+def ensure_data(data_dir: str | Path, data_format: str = "beton") -> None:
+    """Checks the data every job will read; a data.dir with no .beton at all (a newcomer's first
+    sweep) is prepared first, from $CIFAR10_SOURCE or the official download, as `prepare` would.
+    data.format=python: the batch folder is validated as the jobs' loader will read it (no .beton
+    is made: the point of that format is a machine where ffcv may not import)."""
+    data_dir = Path(data_dir)
+    if data_format == "python":
+        verify_python(data_dir)
+        return
+    if not any(data_dir.glob("*.beton")):
+        from trainer.data.cifar10 import prepare
+
+        print(f"{data_dir}: no .beton files yet; preparing CIFAR-10 there first (python -m trainer.data prepare)")
+        prepare(data_dir)
+    verify(data_dir)
+
+
+def _previous_jobs(sweep_dir: Path) -> tuple[str | None, dict, list[Job]]:
+    """What sweep.json recorded: the executor, each job's submission, and the runs; nothing for a
+    new sweep (or a record that cannot be read)."""
+    try:
+        record = sweep_file.read(sweep_dir)
+    except SweepFileError:
+        return None, {}, []
+    return record.executor, record.jobs, record.runs
+
+
+def select(plan: Plan, force: bool, ask_slurm: bool = True) -> list[str]:
+    """The jobs (by name) to submit now; says why each other one is left out. Without `ask_slurm`
+    (a dry run), the jobs submitted earlier are listed as if they had ended, and said to be.
+
+    The sweep keeps the runs of earlier launches that this one does not name (a second launch with
+    --seeds 5 after --seeds 3 adds seeds 3 and 4; the report and --status show all five)."""
+    executor, previous, earlier = _previous_jobs(plan.sweep_dir)
+    plan.jobs = dict(previous)
+    names = {j.name for j in plan.runs}
+    plan.runs = [j for j in earlier if j.name not in names] + plan.runs
+    plan.archs = list(dict.fromkeys(j.arch for j in plan.runs))
+    width = name_width(list(names))
+    chosen = []
+    for name in names_in_order(plan, names):
+        run_dir = plan.run_dir(name)
+        done = (run_dir / "summary.json").exists()
+        if done and not force:
+            print(f"{name:{width}s} finished already ({run_dir / 'summary.json'}); --force to train it again")
+            continue
+        if name in previous and executor == "slurm" and previous[name]["job_id"] is not None:
+            if not ask_slurm:
+                print(f"{name:{width}s} job {previous[name]['job_id']} was submitted earlier; its state is not asked "
+                      f"in a dry run (python jobs/launch.py --status {plan.sweep})")
+                chosen.append(name)
+                continue
+            state = job_handle(executor, plan.sweep_dir, previous[name]["job_id"]).state
+            if state in ACTIVE_STATES:
+                print(f"{name:{width}s} still {state} as job {previous[name]['job_id']}: not submitted again")
+                continue
+        chosen.append(name)
+    return chosen
+
+
+def names_in_order(plan: Plan, names: set[str]) -> list[str]:
+    return [j.name for j in plan.runs if j.name in names]
