@@ -49,6 +49,10 @@
 # KIT_SWEEP_ARGS (key=value overrides for every sweep job), KIT_SKIP (comma-separated parts to leave
 # out: gpu-tests, speed, sweep, step).
 set -euo pipefail
+# The whole script is one compound command (the braces, closed on the last line): bash parses all of
+# it before running any, so a copy edited while a run is under way (seen in a rehearsal) cannot
+# make that run execute half-old, half-new lines.
+{
 export PYTHONUNBUFFERED=1
 
 CPU=0 OUT=
@@ -369,3 +373,5 @@ fi
 
 failed=$(awk -F'\t' '$2 != 0 {print $1}' "$STAGES" | tr '\n' ' ')
 [[ -z $failed ]] || { log "stages with a non-zero exit: $failed"; exit 1; }
+exit 0
+}
