@@ -4,6 +4,7 @@ and exclusive lock files."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -98,3 +99,9 @@ class FileLock:
         if self._fd >= 0:
             os.close(self._fd)  # closing the only descriptor releases the lock
             self._fd = -1
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 (hex), read in chunks: the one hash of files that results and checks record."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -13,14 +13,13 @@ longer match it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from trainer import UserError, cli
-from trainer.files import write_text_atomic
+from trainer.files import sha256, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(__file__).resolve().parent.name
@@ -49,11 +48,6 @@ def _checkout_sha() -> str | None:
     return sha + ("-dirty" if dirty else "")
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def write_stamp(out: Path = STAMP) -> dict:
     """Records the commit and the content of the tree's files: tracked and untracked-not-ignored,
     what a copy of the working tree holds. Needs git."""
@@ -63,7 +57,7 @@ def write_stamp(out: Path = STAMP) -> dict:
         raise UserError(f"{REPO} is not the top of a git checkout: nothing to stamp")
     files = sorted(p for p in listing.split("\0") if p and (REPO / p).is_file() and REPO / p != STAMP)
     # No time of writing: the same tree gives the same stamp, and so the same wheel.
-    stamp = {"git_sha": sha, "files": {p: _sha256(REPO / p) for p in files}}
+    stamp = {"git_sha": sha, "files": {p: sha256(REPO / p) for p in files}}
     write_text_atomic(out, json.dumps(stamp, indent=1) + "\n")
     return stamp
 
@@ -74,7 +68,7 @@ def stamp_status(stamp: dict, root: Path = REPO) -> list[str]:
     files = stamp["files"]
     if not (root / "pyproject.toml").is_file():
         files = {p: h for p, h in files.items() if p.startswith(f"{PACKAGE}/")}
-    return [p for p, h in files.items() if not (root / p).is_file() or _sha256(root / p) != h]
+    return [p for p, h in files.items() if not (root / p).is_file() or sha256(root / p) != h]
 
 
 def _stamped_sha() -> str | None:

@@ -24,7 +24,6 @@ device facts come from run.sh's preflight.json). It reads what run.sh leaves in 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -39,7 +38,7 @@ from pathlib import Path
 import yaml
 
 from trainer import provenance, sweep_file
-from trainer.files import write_text_atomic
+from trainer.files import sha256, write_text_atomic
 from trainer.run_files import CONFIG, SUMMARY, read_metrics
 
 TARBALL = "results.tar.gz"
@@ -349,11 +348,6 @@ def summary(r: dict, p: dict) -> str:
 # ---- provenance.json ---------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def code() -> dict:
     """The commit (from git, or from the stamp where the tree came without .git) and, with a stamp,
     the stamped files that differ here."""
@@ -396,7 +390,7 @@ def provenance_record(args: argparse.Namespace, r: dict) -> dict:
         "host": socket.gethostname(),
         "code": code(),
         "software": software(r["preflight"]),
-        "wheels_sha256": {p.name: _sha256(p) for p in sorted((kit / "wheels").glob("*.whl"))},
+        "wheels_sha256": {p.name: sha256(p) for p in sorted((kit / "wheels").glob("*.whl"))},
         "data": {
             "note": "CIFAR-10 from the check's pack: a transport re-encoding of the project's shared copy (itself "
                     "JPEG-derived from CIFAR-10, q75 4:2:0); see pack.fidelity and unpacked.exact for how close it is",

@@ -18,8 +18,8 @@ import numpy as np
 
 from trainer.data.cifar10 import (
     META_FILE, NUM_CLASSES, SIDE, SIDECAR, SPLITS, TEST_FILES, TRAIN_FILES, DataError, Split, read_meta, read_split,
-    sha256,
 )
+from trainer.files import sha256
 
 def open_beton(path: Path):
     """ffcv's Reader of a .beton, with whatever its parser raises on a cut or foreign file turned into

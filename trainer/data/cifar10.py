@@ -16,7 +16,6 @@ the hashes computed then (data_record).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer import UserError, cli
-from trainer.files import atomic_path, write_text_atomic
+from trainer.files import atomic_path, sha256, write_text_atomic
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 URL_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive's, as published
@@ -146,11 +145,6 @@ def read_split(source: Path, split: str) -> Split:
     images = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     labels = np.concatenate([p[1] for p in parts])
     return Split(images, labels)
-
-
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 

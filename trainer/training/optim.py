@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch.nn as nn
 
 from trainer import UserError
@@ -77,11 +78,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[i
 
 def _airbench(total_steps: int) -> Callable[[int], float]:
     total = max(1, total_steps)
-    peak = AIRBENCH_PEAK_AT * total  # > 0: a one-step run starts the rise and ends at the end value
-
-    def factor(step: int) -> float:
-        if step <= peak:
-            return AIRBENCH_START + (1.0 - AIRBENCH_START) * step / peak
-        return 1.0 + (AIRBENCH_END - 1.0) * min(1.0, (step - peak) / (total - peak))
-
-    return factor
+    # np.interp holds the end value past the last point: steps beyond the plan stay at 0.07.
+    points, values = (0.0, AIRBENCH_PEAK_AT * total, total), (AIRBENCH_START, 1.0, AIRBENCH_END)
+    return lambda step: float(np.interp(step, points, values))
