@@ -8,8 +8,10 @@ $CIFAR10_SOURCE, or the shared copy beside the checkout, or they skip with the r
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +133,9 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Co
 @pytest.fixture(scope="session")
 def trained_tiny_run(beton_dir, tmp_path_factory) -> Path:
     """One epoch of the tests' config (tests/configs/small.yaml) on the synthetic data with an offline W&B run: a finished run folder
-    (best.pt with trained BatchNorm statistics, summary, W&B records) for tests that only read one."""
+    (best.pt with trained BatchNorm statistics, summary, W&B records) for tests that only read one.
+    A real process, not run_main: W&B's console capture (test_wandb reads it back) wraps the
+    process's own stdout, which an in-process run's captured stdout is not."""
     run_dir = tmp_path_factory.mktemp("trained") / "resnet9_tiny"
     done = subprocess.run([sys.executable, "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"),
                            "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN, "train.epochs=1",
@@ -140,3 +144,118 @@ def trained_tiny_run(beton_dir, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr
     (run_dir / "stdout.txt").write_text(done.stdout)
     return run_dir
+
+
+# ---- training runs shared by several tests -------------------------------------------------------
+
+
+def signal_at_step(monkeypatch, step: int, signum: int = signal.SIGUSR2) -> None:
+    """The deterministic stop hook: the Trainer sends `signum` to its own process right after global
+    step `step`, so the real handler and the real stop check act on it at a known step, with no
+    sleep() guessing where a separate process has got to. With train.stop_check_s tiny the ranks
+    check every step, and the run stops after exactly that step."""
+    from trainer.training.trainer import Trainer
+
+    train_step = Trainer._train_step
+
+    def step_then_signal(self, *args, **kwargs):
+        train_step(self, *args, **kwargs)
+        if self.progress.global_step == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_signal)
+
+
+# A stop check after every step (a positive interval no step is shorter than): a signal stops the
+# run after the step it arrived in. No weight depends on it, so a run with it resumes onto the
+# same weights as one without.
+EVERY_STEP = "train.stop_check_s=0.000001"
+
+
+def small_run_args(beton_dir: Path, *extra: str) -> list[str]:
+    """tests/configs/small.yaml shrunk to seconds (SMALL_RUN) on the test data, with `extra` overrides."""
+    return ["--config", str(REPO / "tests/configs/small.yaml"), f"data.dir={beton_dir}", *SMALL_RUN, *extra]
+
+
+@pytest.fixture(scope="session")
+def small_reference(beton_dir, tmp_path_factory) -> Path:
+    """SMALL_RUN (3 epochs of 30 steps) trained uninterrupted, in this process, once a session: the
+    run every exact-resume proof of that configuration compares its weights and accuracies with
+    (test_trainer: the run folder, the resume at an epoch boundary, SIGUSR2 mid-epoch, eval_every,
+    the truncated last.pt)."""
+    from helpers import run_main
+
+    run_dir = tmp_path_factory.mktemp("reference") / "small"
+    r = run_main("trainer", *small_run_args(beton_dir), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def resident_run_args(beton_dir: Path, *extra: str) -> list[str]:
+    """jobs/configs/tiny.yaml (alternating flip, reflect translation, whitening, lookahead, fast
+    biases, 6-view TTA) shrunk to seconds, with every other augmentation on too (cutout, mixup,
+    cutmix): 20 steps an epoch, 2 epochs; one thread, which keeps a busy 2-core machine from slowing
+    it tenfold."""
+    return [
+        "--config", str(REPO / "jobs/configs/tiny.yaml"), f"data.dir={beton_dir}", "data.loader=resident",
+        "data.train_subset=2000", "data.test_subset=200", "data.batch_size=100", "data.flip=true", "data.translate=2",
+        "data.cutout=8", "data.mixup=0.2", "data.cutmix=1.0", "data.mix_prob=0.5",
+        "train.epochs=2", "train.ema=0.9", "train.threads=1", "logging.mode=disabled", "logging.log_every=2", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def resident_reference(beton_dir, tmp_path_factory) -> Path:
+    """resident_run_args trained uninterrupted in this process, once a session: what the resident
+    loader's mid-epoch resume with augmentation replayed must end on
+    (test_resident::test_mid_epoch_resume_with_augmentation_is_exact)."""
+    from helpers import run_main
+
+    run_dir = tmp_path_factory.mktemp("reference") / "resident"
+    r = run_main("trainer", *resident_run_args(beton_dir), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+SIGNALLED_STEP = 41  # two_rank_run's pause: epoch 2, step 11 of 30
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
+
+
+@dataclass(frozen=True)
+class TwoRankRun:
+    """A 2-process run and what it printed: `paused` (rank 1 alone signalled at SIGNALLED_STEP),
+    `resumed` (the same command again, to the end); `paused_state` is last.pt as the pause left it."""
+
+    run_dir: Path
+    paused: subprocess.CompletedProcess
+    resumed: subprocess.CompletedProcess
+    paused_state: dict
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(beton_dir, tmp_path_factory) -> TwoRankRun:
+    """One 2-process gloo DDP run under torchrun, read by several tests: SMALL_RUN for 2 epochs with
+    ffcv's flip and translation, a validation split, offline W&B and strict collectives (every
+    tensor all-reduced or broadcast made on the training device, as NCCL demands); paused by a
+    SIGUSR2 sent to rank 1 only, right after global step 41 (epoch 2, step 11: no logging step),
+    and resumed to the end. Read by test_trainer::test_two_process_gloo_ddp_with_offline_wandb,
+    test_signals::test_two_ranks_agree_on_the_step_when_only_one_is_signalled, and
+    test_validation's two-process test."""
+    import torch
+
+    run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
+    args = [*small_run_args(beton_dir, "train.epochs=2", "data.flip=true", "data.translate=2", "data.val_split=250",
+                            "logging.mode=offline", "logging.log_every=1000", EVERY_STEP), "--run-dir", str(run_dir)]
+    env = {**os.environ, "WANDB_API_KEY": FAKE_WANDB_KEY, "TRAINER_STRICT_COLLECTIVES": "1",
+           "TEST_SIGNAL_RANK": "1", "TEST_SIGNAL_AT_STEP": str(SIGNALLED_STEP)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    paused = subprocess.run([*torchrun, str(REPO / "tests/signalled_trainer.py"), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert paused.returncode == 0, paused.stderr[-3000:]
+    paused_state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    resumed = subprocess.run([*torchrun, "-m", "trainer", "--run-dir", str(run_dir)], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "WANDB_API_KEY": FAKE_WANDB_KEY,
+                                                          "TRAINER_STRICT_COLLECTIVES": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return TwoRankRun(run_dir, paused, resumed, paused_state)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.data.resident import PixelTable, pixel_indices, pixel_table
+from trainer.data.augment import PixelTable, pixel_indices, pixel_table
 
 
 def random_table(n: int, pad: int = 0, seed: int = 0) -> PixelTable:

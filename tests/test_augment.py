@@ -12,9 +12,8 @@ from trainer.config import DataConfig
 from trainer.data import build_loaders
 from trainer.data.cifar10 import MEAN, STD, read_split
 from trainer.data.common import train_val_indices
-from trainer.data.resident import (
-    ResidentLoader, draw_mix_plan, epoch_order, normalised_images, pixel_indices,
-)
+from trainer.data.augment import draw_mix_plan, pixel_indices
+from trainer.data.resident import ResidentLoader, epoch_order, normalised_images
 from trainer.distributed import Dist
 
 N, BATCH = 64, 16

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from helpers import REPO, error_line, run_main
 from trainer.device import cpu_flags, native_bf16_cpu
 
 PROVENANCE = {"command", "git_sha", "device", "torch_version", "data", "date"}
@@ -19,7 +19,7 @@ PROVENANCE = {"command", "git_sha", "device", "torch_version", "data", "date"}
 def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
     # --smoke: --quick's code paths on 2,048 training images and one small network, for the tests.
     out = tmp_path / "bench.json"
-    r = run_cli("-m", "trainer.bench", "--smoke", "--data", str(beton_dir), "--json", str(out), timeout=600)
+    r = run_main("trainer.bench", "--smoke", "--data", str(beton_dir), "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     for heading in ("loader:", "step:", "time to accuracy: skipped"):
         assert heading in r.stdout, r.stdout
@@ -108,9 +108,9 @@ def test_bench_marks_the_file_complete(bench_args, monkeypatch):
 
 
 def test_bench_rejects_unknown_arch(tmp_path):  # the names are checked before the data
-    r = run_cli("-m", "trainer.bench", "--smoke", "--data", str(tmp_path), "--archs", "resnet99", "--parts", "step")
+    r = run_main("trainer.bench", "--smoke", "--data", str(tmp_path), "--archs", "resnet99", "--parts", "step")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("error: --archs: unknown architecture(s) resnet99")
+    assert error_line(r).startswith("error: --archs: unknown architecture(s) resnet99")
 
 
 def test_mfu_peaks_by_device_name():
@@ -127,7 +127,8 @@ def test_mfu_peaks_by_device_name():
 def test_step_rows_reach_the_json_as_measured_and_eager_modes_come_before_any_compile(tmp_path):
     """A step bench cut off in a compile (the GPU check's stage limit) keeps every architecture's
     eager fp32 and AMP numbers: they are all measured first and written as each is measured. The
-    step part needs no data: --data names a folder that does not exist."""
+    step part needs no data: --data names a folder that does not exist. A real process, since it is
+    killed."""
     out = tmp_path / "step.json"
     proc = subprocess.Popen([sys.executable, "-m", "trainer.bench", "--smoke", "--parts", "step", "--archs",
                              "resnet9_tiny,alexnet", "--data", str(tmp_path / "none"), "--json", str(out)],

@@ -5,8 +5,6 @@ Also optim.bias_lr_mult on a real Trainer."""
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -107,31 +105,42 @@ def test_bias_lr_mult_gives_biases_the_multiplied_lr(beton_dir, tmp_path):
         t.scheduler.step()
         assert weights["lr"] > 0 and scales["lr"] == weights["lr"]
         assert biases["lr"] == pytest.approx(64 * weights["lr"])
-    t._apply_config_lr()  # as after a resume: the multiplier is the config's, per group
+    t.schedule.apply_config_lr()  # as after a resume: the multiplier is the config's, per group
     assert biases["lr"] == pytest.approx(64 * weights["lr"])
 
 
 # ---- runs ------------------------------------------------------------------------------------------
 
 
+def pause_once_the_plan_is_fitted(monkeypatch) -> None:
+    """The deterministic stop hook for a budget: the trainer sends itself SIGUSR2 right after the
+    step whose calibration fitted the plan, whatever the machine's speed."""
+    from trainer.training.trainer import Trainer
+
+    calibrate = Trainer._calibrate
+
+    def calibrate_then_signal(self, *args, **kwargs):
+        fitted_before = self.progress.plan is not None
+        calibrate(self, *args, **kwargs)
+        if not fitted_before and self.progress.plan is not None:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(Trainer, "_calibrate", calibrate_then_signal)
+
+
 @pytest.mark.slow
-def test_budget_run_fits_its_plan_keeps_it_across_a_resume_and_ends_within_budget(beton_dir, tmp_path):
+def test_budget_run_fits_its_plan_keeps_it_across_a_resume_and_ends_within_budget(beton_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     budget_s = 30.0
     # train.epochs is far more than the budget allows: the plan ends the run.
     args = budget_run(beton_dir, "data.train_subset=200", "data.batch_size=20", "train.epochs=500",
                       f"train.budget_s={budget_s}", "train.stop_check_s=0.2")
-    # Paused by a signal as soon as the plan is fitted, whatever the machine's speed.
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--run-dir", str(run_dir)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    fitted = 0
-    for line in proc.stdout:
-        if line.startswith("budget plan: "):
-            fitted += 1
-            proc.send_signal(signal.SIGUSR2)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and fitted == 1, err
+    # Paused by a signal as soon as the plan is fitted.
+    pause_once_the_plan_is_fitted(monkeypatch)
+    paused = trainer(*args, "--run-dir", str(run_dir))
+    monkeypatch.undo()
+    assert paused.returncode == 0 and paused.stdout.count("budget plan: ") == 1, paused.stderr
+    assert "stopped by signal SIGUSR2" in paused.stdout
     saved = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["plan"]
     assert not (run_dir / "summary.json").exists() and saved["total_steps"] > saved["calibrated_at"]
 

@@ -1,14 +1,14 @@
 """Cluster settings users ask for (gres, setup lines, exclude, extra sbatch options, memory per GPU,
 the requeue limit, an Apptainer container): each rendered into the batch script by submitit itself
-(the dry run shows that script), checked on the local SLURM where the setting applies there, and the
-container definition checked against what the offline wheelhouse holds."""
+(the dry run shows that script), checked on the local SLURM where the setting applies there (in a
+job of two tasks, which also shows gloo DDP inside SLURM), and the container definition checked
+against what the offline wheelhouse holds. The launcher runs in this process (test_launch.launch)."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,14 +16,9 @@ import pytest
 import yaml
 
 from conftest import REPO
+from test_launch import launch
 
-LAUNCH = REPO / "jobs/launch.py"
 DEFINITION = REPO / "containers/cifar-infinity.def"
-
-
-def launch(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(LAUNCH), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 def cluster_yaml(tmp_path: Path, **changes) -> Path:
@@ -69,20 +64,23 @@ def test_bad_cluster_values_are_one_line(changes, message, beton_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_setup_lines_and_sbatch_options_apply_on_the_local_slurm(slurm, beton_dir, tmp_path):
+def test_setup_lines_sbatch_options_and_two_tasks_apply_on_the_local_slurm(slurm, beton_dir, tmp_path):
+    # One job of two tasks (-C tasks_per_node=2): the setup line runs once, in the batch script, and
+    # the two ranks train one run with gloo DDP.
     cluster = cluster_yaml(tmp_path, setup=['echo "setup line ran on $(hostname) in job $SLURM_JOB_ID"'],
                            sbatch=["comment=cifar-knobs"], max_requeues=7)
-    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--cluster", cluster, "--sweep", "knobs", "--runs",
-               tmp_path, "--wait", f"data.dir={beton_dir}", env=slurm)
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--cluster", cluster, "-C", "tasks_per_node=2",
+               "--sweep", "knobs", "--runs", tmp_path, "--wait", f"data.dir={beton_dir}", env=slurm)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sweep = json.loads((tmp_path / "knobs/sweep.json").read_text())
     job_id = sweep["jobs"]["resnet9_tiny"]["job_id"]
-    assert sweep["cluster"]["max_requeues"] == 7
+    assert sweep["cluster"]["max_requeues"] == 7 and sweep["cluster"]["tasks_per_node"] == 2
     batch_log = next((tmp_path / "knobs/submitit").glob(f"{job_id}/{job_id}_0_log.out")).read_text()
     assert re.search(rf"setup line ran on \S+ in job {job_id.split('_')[0]}", batch_log), batch_log[-2000:]
     shown = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True).stdout
     assert "Comment=cifar-knobs" in shown, shown
-    assert (tmp_path / "knobs/resnet9_tiny/summary.json").is_file()
+    summary = json.loads((tmp_path / "knobs/resnet9_tiny/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
 
 
 def test_container_definition_installs_the_wheelhouse_and_nothing_to_compile():

@@ -1,10 +1,12 @@
 """Strict typed configs: YAML layers, dotted overrides, one-line errors naming file and key."""
 
+import ast
 import textwrap
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
+from trainer import models
 from trainer.config import Config, ConfigError, from_yaml, load_config, save_config, to_yaml
 
 
@@ -71,11 +73,55 @@ def test_extends_lays_files_over_each_other(tmp_path):
 def test_bad_config_is_one_error_naming_file_and_key(tmp_path, text, overrides, fragments):
     path = _write(tmp_path, "run.yaml", text)
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_config(path, overrides, archs=models.names())  # as the commands load it
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_unknown_architecture_is_the_commands_check_not_the_schemas(tmp_path):
+    # The schema knows no registry (trainer.models imports trainer.config, not the other way); each
+    # command passes the registry's names, and the error names where the value came from.
+    path = _write(tmp_path, "run.yaml", "model: {arch: resnet9}\n")
+    assert load_config(path, ["model.arch=resnet99"]).model.arch == "resnet99"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["model.arch=resnet99"], archs=models.names())
+    assert str(info.value) == (f"{path} + override 'model.arch=resnet99': model.arch: unknown architecture "
+                               f"'resnet99'; valid: {', '.join(models.names())}")
+    bad = run_cli("-m", "trainer.config", str(path), "model.arch=resnet99")
+    assert bad.returncode == 1 and "unknown architecture 'resnet99'" in bad.stderr, bad.stderr
+
+
+def test_the_schema_and_its_loader_import_nothing_from_the_models():
+    # The schema (trainer/config/__init__.py) is a lower room: trainer/models/options.py imports it.
+    # Only its command, trainer/config/__main__.py (`python -m trainer.config`), reaches the
+    # registry, as the other commands do. The strict loader knows no schema at all.
+    def project_imports(path):
+        modules = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                modules |= {f"{node.module}.{a.name}" for a in node.names}
+        return {m.rsplit(".", 1)[0] for m in modules if m.startswith("trainer.")}
+
+    assert project_imports(REPO / "trainer/config/__init__.py") == {"trainer.files", "trainer.strict_yaml"}
+    assert project_imports(REPO / "trainer/strict_yaml.py") == {"trainer"}  # UserError
+
+
+def test_retired_keys_and_values_name_their_replacement(tmp_path):
+    path = _write(tmp_path, "run.yaml", "model: {arch: resnet9}\noptim: {schedule: onecycle}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: optim\.schedule: 'onecycle' is now called 'triangle'$"):
+        load_config(path)
+    for value in ("5", ".inf", "true", "[1]"):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, ["model.arch=resnet9", f"train.time_budget_s={value}"])
+        assert str(info.value) == (f"override 'train.time_budget_s={value}': train.time_budget_s: removed; use "
+                                   "train.budget_s=N (fits the steps to N seconds and ends mid-epoch if need be)")
+    for value in ("0", "0.0", "false", "null"):  # the old "off" loads, as old run folders hold it
+        assert load_config(None, ["model.arch=resnet9", f"train.time_budget_s={value}"]) == load_config(
+            None, ["model.arch=resnet9"])
 
 
 def test_error_in_base_names_the_base_file(tmp_path):
@@ -106,9 +152,6 @@ def test_cli_prints_resolved_config_and_fails_cleanly(tmp_path):
 
 
 def test_shipped_configs_load_and_cover_every_architecture():
-    from conftest import REPO
-    from trainer import models
-
     # Configs beyond one per architecture, and the architecture each one trains.
     extra = {"tiny.yaml": "resnet9_tiny", "speed.yaml": "airbench94", "speed-resnet9.yaml": "resnet9"}
     own = set()  # architectures with a config named after them
@@ -132,7 +175,7 @@ def test_shipped_configs_load_and_cover_every_architecture():
         ("model: {arch: resnet9}\n", ["optim.weight_decay=.NaN"], "optim.weight_decay"),
         ("model: {arch: resnet9}\n", ["optim.label_smoothing=.nan"], "optim.label_smoothing"),
         ("model: {arch: resnet9}\n", ["optim.warmup_epochs=.inf"], "optim.warmup_epochs"),
-        ("model: {arch: resnet9}\n", ["train.time_budget_s=.inf"], "train.time_budget_s"),
+        ("model: {arch: resnet9}\n", ["train.budget_s=.inf"], "train.budget_s"),
         ("model: {arch: resnet9}\n", ["train.ema=.nan"], "train.ema"),
         ("model: {arch: resnet9}\n", ["optim.lr=1e999"], "optim.lr"),  # a float literal that overflows to inf
         ("model: {arch: resnet9}\n", ["optim.lr=1" + "0" * 400], "optim.lr"),  # an int no float can hold
@@ -179,10 +222,9 @@ def test_amp_off_with_a_bf16_config_is_one_line_from_the_trainer(amp, tmp_path, 
 
 def test_every_profile_resolves_with_every_config():
     # What the launcher does for each job (config, its arch, the profile's overrides), for every
-    # profile and every shipped config: a key renamed in trainer/config.py or a profile/recipe
+    # profile and every shipped config: a key renamed in trainer/config/ or a profile/recipe
     # combination the checks refuse (budget_s with patience, an on-device augmentation without the
     # resident loader) fails here, not when a sweep is submitted.
-    from conftest import REPO
     from trainer.launch import load_profiles
 
     profiles = load_profiles()
@@ -196,15 +238,14 @@ def test_every_profile_resolves_with_every_config():
             except ConfigError as e:
                 pytest.fail(f"profile {name} x {path.name}: {e}")
             if name.startswith("budget"):
-                # a fitted schedule: no early stopping, no cut-off on top, eager (see profiles.yaml)
-                assert cfg.train.budget_s > 0 and cfg.train.patience == 0 and cfg.train.time_budget_s == 0
+                # a fitted schedule: no early stopping, eager (see profiles.yaml)
+                assert cfg.train.budget_s > 0 and cfg.train.patience == 0
                 assert cfg.train.compile is False and cfg.data.loader == "resident", (name, path.name)
 
 
 def test_budget_profiles_fit_their_stated_totals():
     # profiles.yaml states ~8 minutes for the seven on a GPU and ~10 on 2 CPU cores; the budgets
     # alone (start-up and the report come on top) must leave room for that.
-    from trainer import models
     from trainer.launch import load_profiles
 
     seven = len(models.seed_names())
@@ -216,9 +257,6 @@ def test_budget_profiles_fit_their_stated_totals():
 
 def test_recipes_follow_the_issue_14_rules():
     # The per-architecture recipe choices the configs' comments give reasons for.
-    from conftest import REPO
-    from trainer import models
-
     def cfg(name):
         return load_config(REPO / "jobs/configs" / name)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import one_error_line, run_main
 from trainer.config import DataConfig
 from trainer.data import cifar10
 from trainer.data.cifar10 import MEAN, STD, prepare, read_split
@@ -111,7 +111,7 @@ def test_prepare_is_idempotent(beton_dir, cifar_source, capsys):
 
 
 def test_prepare_cli_second_run_does_nothing(beton_dir, cifar_source):
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(cifar_source), "--out", str(beton_dir))
+    r = run_main("trainer.data", "prepare", "--source", str(cifar_source), "--out", str(beton_dir))
     assert r.returncode == 0, r.stderr
     assert "nothing to do" in r.stdout
 
@@ -134,28 +134,20 @@ def good_out(tmp_path, beton_dir):
     return out
 
 
-def _assert_one_line_error(r, *fragments: str):
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 def test_truncated_batch_is_named_and_good_data_kept(broken_source, good_out, cifar_source):
     before = [_checksum(good_out / n) for n in ("train.beton", "test.beton")]
     (broken_source / "data_batch_3").unlink()
     (broken_source / "data_batch_3").write_bytes((cifar_source / "data_batch_3").read_bytes()[:1_000_000])
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(good_out))
-    _assert_one_line_error(r, "data_batch_3", "truncated or malformed")
+    r = run_main("trainer.data", "prepare", "--source", str(broken_source), "--out", str(good_out))
+    one_error_line(r, "data_batch_3", "truncated or malformed")
     assert [_checksum(good_out / n) for n in ("train.beton", "test.beton")] == before
     assert sorted(p.name for p in good_out.iterdir()) == sorted(["train.beton", "test.beton", cifar10.SIDECAR])
 
 
 def test_missing_batch_file_is_named(broken_source, tmp_path):
     (broken_source / "data_batch_5").unlink()
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
-    _assert_one_line_error(r, "data_batch_5", "missing")
+    r = run_main("trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
+    one_error_line(r, "data_batch_5", "missing")
     assert not (tmp_path / "o" / "train.beton").exists()
 
 
@@ -165,31 +157,31 @@ def test_malformed_batch_is_named(broken_source, tmp_path):
     (broken_source / "test_batch").unlink()
     with open(broken_source / "test_batch", "wb") as f:
         pickle.dump({b"data": np.zeros((10_000, 3000), np.uint8), b"labels": [0] * 10_000}, f)
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
-    _assert_one_line_error(r, "test_batch", "3072")
+    r = run_main("trainer.data", "prepare", "--source", str(broken_source), "--out", str(tmp_path / "o"))
+    one_error_line(r, "test_batch", "3072")
 
 
 def test_missing_source_folder(tmp_path):
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
-    _assert_one_line_error(r, "nowhere", "no such folder")
+    r = run_main("trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    one_error_line(r, "nowhere", "no such folder")
 
 
 def test_without_source_the_download_fails_with_advice(tmp_path, monkeypatch):
     # No internet here: the official download must fail fast with one line that says what to do.
     monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
-    r = run_cli("-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"), timeout=120)
-    _assert_one_line_error(r, "could not download", "--source")
+    r = run_main("trainer.data", "prepare", "--out", str(tmp_path / "o"))
+    one_error_line(r, "could not download", "--source")
 
 
 def test_source_comes_from_the_option_then_the_environment(cifar_source, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_SOURCE", str(cifar_source))
-    r = run_cli("-m", "trainer.data", "prepare", "--out", str(tmp_path / "o"))
+    r = run_main("trainer.data", "prepare", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     assert f"using CIFAR10_SOURCE={cifar_source}" in r.stdout
     assert json.loads((tmp_path / "o" / "cifar10.json").read_text())["source_dir"] == str(cifar_source.resolve())
     # --source wins over the environment
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"))
-    _assert_one_line_error(r, "nowhere", "no such folder")
+    r = run_main("trainer.data", "prepare", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"))
+    one_error_line(r, "nowhere", "no such folder")
 
 
 def test_interrupted_write_keeps_previous_files(good_out, cifar_source, monkeypatch):
@@ -283,9 +275,9 @@ def test_launcher_prepares_a_data_folder_without_beton_files(cifar_source, tmp_p
     data = tmp_path / "fresh"
     args = ("jobs/launch.py", "--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--dry-run",
             "--runs", str(tmp_path / "runs"), f"data.dir={data}")
-    r = run_cli(*args)
+    r = run_main(*args)
     assert r.returncode == 0, r.stderr
     assert "no .beton files yet; preparing CIFAR-10" in r.stdout and f"using CIFAR10_SOURCE={cifar_source}" in r.stdout
     assert {p.name for p in data.iterdir()} >= {"train.beton", "test.beton", "cifar10.json"}
-    again = run_cli(*args)
+    again = run_main(*args)
     assert again.returncode == 0 and "preparing" not in again.stdout

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_RUN, run_cli
+from conftest import SMALL_RUN
+from helpers import SMALL, one_error_line, run_main
 from trainer import UserError
 from trainer.config import DataConfig, load_config
 from trainer.data import build_loaders, cifar10
@@ -60,15 +61,6 @@ def _write_set(folder: Path, side: int, names=("image", "label"), per_class: int
     record["outputs"] = cifar10._describe([folder / "train.beton", folder / "test.beton"])
     record["counts"] = {split: [per_class] * 10 for split in cifar10.SPLITS}
     (folder / SIDECAR).write_text(json.dumps(record))
-
-
-def _one_line_error(r, *fragments: str) -> str:
-    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_good_set_is_verified_and_recorded_with_hashes_computed_now(data):
@@ -151,7 +143,7 @@ def test_without_sidecar_the_layout_is_checked_and_the_summary_records_the_files
     train, _ = _build(data)
     assert "cifar10.json: missing" in capsys.readouterr().err
     assert train.num_samples == 5000
-    cfg = load_config(REPO / "tests/configs/small.yaml", [f"data.dir={data}"])
+    cfg = load_config(SMALL, [f"data.dir={data}"])
     recorded = summary(cfg, Progress(), 0, Dist.single(), True)["data"]
     assert recorded["train_sha256"] == _sha256(data / "train.beton")
     assert recorded["test_sha256"] == _sha256(data / "test.beton")
@@ -161,8 +153,8 @@ def test_without_sidecar_the_layout_is_checked_and_the_summary_records_the_files
 def test_prepare_out_that_is_a_file_is_one_line(tmp_path, cifar_source):
     out = tmp_path / "not-a-folder"
     out.write_text("keep me\n")
-    r = run_cli("-m", "trainer.data", "prepare", "--source", str(cifar_source), "--out", str(out))
-    _one_line_error(r, str(out), "not a folder")
+    r = run_main("trainer.data", "prepare", "--source", str(cifar_source), "--out", str(out))
+    one_error_line(r, str(out), "not a folder")
     assert out.read_text() == "keep me\n"
     with pytest.raises(UserError, match="cannot create the folder"):
         cifar10.prepare(out / "sub", cifar_source)
@@ -173,6 +165,5 @@ def test_trainer_refuses_a_truncated_beton_with_one_line(data, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (data / SIDECAR).unlink()  # the layout check alone, as for files converted elsewhere
     run_dir = tmp_path / "run"
-    r = run_cli("-m", "trainer", "--config", "tests/configs/small.yaml", "--run-dir", str(run_dir), f"data.dir={data}",
-                *SMALL_RUN, timeout=120)
-    _one_line_error(r, str(path), "not a readable .beton")
+    r = run_main("trainer", "--config", str(SMALL), "--run-dir", str(run_dir), f"data.dir={data}", *SMALL_RUN)
+    one_error_line(r, str(path), "not a readable .beton")

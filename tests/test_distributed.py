@@ -141,7 +141,7 @@ def test_unresolvable_master_is_one_error_line_at_once(beton_dir, tmp_path):
 def test_taken_master_port_fails_within_the_timeout(beton_dir, tmp_path):
     """Rank 0 cannot listen; rank 1 reaches a socket that never answers and gives up at the timeout."""
     args = ["--config", str(TINY), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}", *SMALL_RUN,
-            "train.dist_timeout_s=15"]
+            "train.dist_timeout_s=6"]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
@@ -163,8 +163,9 @@ def test_error_on_rank_0_only_ends_every_rank_long_before_the_timeout(beton_dir,
     run_dir.mkdir()
     (run_dir / "checkpoints").write_text("not a folder\n")
     timeout_s = 240
+    # An epoch of 4 steps: the failure comes with the first checkpoint, at its end.
     args = ["--config", str(TINY), "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN,
-            f"train.dist_timeout_s={timeout_s}"]
+            "data.train_subset=400", "data.test_subset=100", f"train.dist_timeout_s={timeout_s}"]
     (code0, err0, t0), (code1, err1, t1) = finish(start_ranks(args, free_port()), within_s=timeout_s)
     assert code0 == 1 and code1 == 1, (err0, err1)
     assert len(error_lines(err0)) == 1 and "checkpoints" in error_lines(err0)[0], err0

@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SMALL_RUN
+from helpers import SMALL, error_lines, run_main
 from trainer import cli
-
-TINY = REPO / "tests/configs/small.yaml"
-
-
-def error_lines(stderr: str) -> list[str]:
-    """The lines of stderr that are not blank."""
-    return [ln for ln in stderr.splitlines() if ln.strip()]
 
 
 @pytest.mark.parametrize(
@@ -59,15 +53,10 @@ def test_naming_gives_an_os_error_its_file():
     assert raised.value.filename == "/runs/a/config.yaml"
 
 
-def trainer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     not_a_folder = tmp_path / "run"
     not_a_folder.write_text("a file\n")
-    r = trainer("--config", str(TINY), "--run-dir", str(not_a_folder))
+    r = run_main("trainer", "--config", str(SMALL), "--run-dir", str(not_a_folder))
     assert r.returncode == 1
     assert len(error_lines(r.stderr)) == 1 and r.stderr.startswith(f"error: {not_a_folder}"), r.stderr
     assert not_a_folder.read_text() == "a file\n"
@@ -84,7 +73,9 @@ def private_mounts() -> None:
 
 def on_tmpfs(mount_point: Path, options: str, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs `command` with a fresh tmpfs mounted (with `options`) at `mount_point`, in a mount
-    namespace of its own: no one else sees the mount, and it goes when the command ends."""
+    namespace of its own: no one else sees the mount, and it goes when the command ends. A process
+    of its own, because a mount namespace is: unshare(CLONE_NEWNS) in this process would move only
+    the calling thread, not torch's or ffcv's."""
     mount_point.mkdir(parents=True, exist_ok=True)
     script = f"mount -t tmpfs -o {options} tmpfs {shlex.quote(str(mount_point))} && exec {shlex.join(command)}"
     # A session of its own, so that a timeout ends the command's children (torchrun's workers) too;
@@ -103,7 +94,7 @@ def on_tmpfs(mount_point: Path, options: str, *command: str, timeout: float = 60
 
 def test_read_only_run_folder_is_one_line(private_mounts, beton_dir, tmp_path):
     mount = tmp_path / "ro"
-    r = on_tmpfs(mount, "ro", sys.executable, "-m", "trainer", "--config", str(TINY), f"data.dir={beton_dir}",
+    r = on_tmpfs(mount, "ro", sys.executable, "-m", "trainer", "--config", str(SMALL), f"data.dir={beton_dir}",
                  "--run-dir", str(mount / "run"))
     assert r.returncode == 1
     assert error_lines(r.stderr) == [f"error: {mount / 'run'}: Read-only file system"], r.stderr
@@ -113,11 +104,12 @@ def test_read_only_run_folder_is_one_line(private_mounts, beton_dir, tmp_path):
 ONE_SHORT_EPOCH = [*SMALL_RUN, "data.train_subset=500", "data.test_subset=200", "train.epochs=1"]
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_naming_the_file(private_mounts, beton_dir, tmp_path):
     # 1 MiB: room for config.yaml, none for a checkpoint (1.6 MB of weights). torch's own writer
     # would report it as "unexpected pos 479872 vs 479768".
     mount = tmp_path / "full"
-    r = on_tmpfs(mount, "size=1m", sys.executable, "-m", "trainer", "--config", str(TINY), f"data.dir={beton_dir}",
+    r = on_tmpfs(mount, "size=1m", sys.executable, "-m", "trainer", "--config", str(SMALL), f"data.dir={beton_dir}",
                  *ONE_SHORT_EPOCH, "--run-dir", str(mount / "run"))
     assert r.returncode == 1
     assert error_lines(r.stderr) == [f"error: {mount / 'run/checkpoints/best.pt'}: No space left on device"], r.stderr
@@ -131,7 +123,7 @@ def test_full_disk_on_rank_0_ends_every_rank_without_a_hang_or_an_abort(private_
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     try:
         r = on_tmpfs(mount, "size=1m", torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer",
-                     "--config", str(TINY), f"data.dir={beton_dir}", *ONE_SHORT_EPOCH,
+                     "--config", str(SMALL), f"data.dir={beton_dir}", *ONE_SHORT_EPOCH,
                      "--run-dir", str(mount / "run"), timeout=240)
     except subprocess.TimeoutExpired:
         pytest.fail("the ranks hung after rank 0 failed")

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import Result, run_main
 from trainer import models
 from trainer.export import Deployable, check_onnx, load_run
 
-def export_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.export", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+
+def export_cli(*args: str | Path) -> Result:
+    """`python -m trainer.export ARGS`, run in this process."""
+    return run_main("trainer.export", *map(str, args))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,8 @@ def test_torchscript_loads_without_this_package(trained_run, tmp_path):
     assert "Warning" not in done.stderr
     images = torch.randint(0, 256, (4, 3, 32, 32)).float()
     torch.save(images, tmp_path / "images.pt")
-    # A fresh interpreter in another folder, with the project made unimportable.
+    # A fresh interpreter in another folder, with the project made unimportable: its own process,
+    # since this one has the project loaded.
     probe = (
         "import sys, torch; sys.modules['trainer'] = None\n"
         f"m = torch.jit.load({str(out)!r}); x = torch.load({str(tmp_path / 'images.pt')!r})\n"

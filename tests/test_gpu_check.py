@@ -140,7 +140,7 @@ def test_budget_profile_resolves_as_run_sh_runs_it(beton_dir):
     for arch in models.seed_names():
         cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, f"data.dir={beton_dir}",
                                               "logging.mode=disabled", "train.budget_s=23"])
-        assert cfg.train.budget_s == 23 and cfg.train.patience == 0 and cfg.train.time_budget_s == 0
+        assert cfg.train.budget_s == 23 and cfg.train.patience == 0
         assert cfg.train.compile is False and cfg.data.loader == "resident" and cfg.logging.mode == "disabled"
 
 
@@ -326,16 +326,16 @@ def run_check(kit: Path, tmp_path: Path, **env: str) -> tuple[subprocess.Complet
     return r, out
 
 
-def assert_contract(r: subprocess.CompletedProcess, out: Path) -> tuple[dict, str]:
+def assert_contract(stdout: str, out: Path) -> tuple[dict, str]:
     """What the device tool brings back: at most 6 files, flat, named as agreed, each within 16 MiB, and the
-    output's tail is summary.md itself."""
+    output's tail (`stdout`, run.sh's) is summary.md itself."""
     files = list(out.iterdir())
     assert len(files) <= 6 and all(p.is_file() for p in files), files
     assert {p.name for p in files} == ALLOWED_OUT
     assert all(p.stat().st_size <= 16 * 2**20 for p in files)
     summary = (out / "summary.md").read_text()
-    assert r.stdout.endswith(summary) and len(summary) < 8000
-    assert r.stdout[: -len(summary)].rstrip().splitlines()[-1].startswith("[check")  # nothing between the log and it
+    assert stdout.endswith(summary) and len(summary) < 8000
+    assert stdout[: -len(summary)].rstrip().splitlines()[-1].startswith("[check")  # nothing between the log and it
     return json.loads((out / "results.json").read_text()), summary
 
 
@@ -345,7 +345,7 @@ def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
     a one-network budget sweep with its report, the step bench last; OUT as the device tool returns it."""
     r, out = run_check(mini_kit, tmp_path)
     assert r.returncode == 0, r.stdout[-4000:]
-    res, summary = assert_contract(r, out)
+    res, summary = assert_contract(r.stdout, out)
     stages = [(s["stage"], s["exit_code"]) for s in res["stages"]]
     assert stages == [("install", 0), ("preflight", 0), ("unpack", 0), ("prepare", 0), ("gpu-tests", 0), ("speed", 0),
                       ("sweep", 0), ("step", 0)]
@@ -372,46 +372,25 @@ def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_sh_cpu_without_ffcv_trains_on_the_batch_files(mini_kit, tmp_path):
+def test_run_sh_cpu_without_ffcv_trains_on_the_batch_files_and_a_stop_keeps_the_step_rows(mini_kit, tmp_path):
     """ffcv that does not import (here: hidden by a package that raises ImportError, which every process of
     the run inherits through PYTHONPATH): no prepare, and the speed run and the sweep read the unpacked
-    batch files with the resident loader."""
+    batch files with the resident loader. Then run.sh is stopped (TERM, as a device tool's limit would)
+    while the step bench compiles: the eager and AMP rows measured so far are in results.json and
+    summary.md, the stage is recorded as cut off, and the output still ends with summary.md. (One run for
+    both: the stop comes in the last stage, after the parts that read the data.)"""
     hidden = tmp_path / "hide-ffcv" / "ffcv"
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text('raise ImportError("ffcv hidden by the test")\n')
-    path = os.pathsep.join([str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
-    r, out = run_check(mini_kit, tmp_path, PYTHONPATH=path, KIT_SKIP="gpu-tests,step")  # those two read no data
-    assert r.returncode == 0, r.stdout[-4000:]
-    res, summary = assert_contract(r, out)
-    assert res["preflight"]["ffcv"] == {"ok": False, "error": "ImportError: ffcv hidden by the test",
-                                        "seconds": res["preflight"]["ffcv"]["seconds"]}
-    prepare = next(s for s in res["stages"] if s["stage"] == "prepare")
-    assert prepare["note"].startswith("skipped: ffcv does not import here")
-    assert res["data"]["path"] == "batch files, no ffcv" and res["data"]["dir"].endswith("cifar-10-batches-py")
-    assert "data path: **batch files, no ffcv (data.format=python, resident loader)**" in summary
-    assert res["speed"][0]["finished"] and res["sweep"]["rows"][0]["finished"]
-    for run in (tmp_path / "work/keep/speed/s0", next((tmp_path / "work/keep/runs").glob("*/alexnet"))):
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        assert cfg["data"]["format"] == "python" and cfg["data"]["loader"] == "resident"
-    assert not (tmp_path / "work/data").exists()  # no .beton was written
-
-
-@pytest.mark.slow
-def test_run_sh_stopped_in_the_step_bench_keeps_its_eager_rows(mini_kit, tmp_path):
-    """run.sh stopped (TERM, as a device tool's limit would) while the step bench compiles: the eager and
-    AMP rows measured so far are in results.json and summary.md, the stage is recorded as cut off, and
-    the output still ends with summary.md."""
-    hidden = tmp_path / "hide-ffcv" / "ffcv"  # no prepare: the quickest way to the bench
     hidden.mkdir(parents=True)
     (hidden / "__init__.py").write_text('raise ImportError("ffcv hidden by the test")\n')
     out, step_json = tmp_path / "out", tmp_path / "work/keep/step.json"
     env = {**os.environ, "KIT_DIR": str(mini_kit), "KIT_WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "KIT_SKIP": "gpu-tests,speed,sweep", "KIT_STEP_ARCHS": "resnet9_tiny,alexnet", "KIT_BENCH_ARGS": "--smoke"}
+           "KIT_SKIP": "gpu-tests", "KIT_ARCHS": "alexnet", "KIT_TIME_BUDGET": "6",  # the gpu tests read no data
+           "KIT_STEP_ARCHS": "resnet9_tiny,alexnet", "KIT_BENCH_ARGS": "--smoke"}
     proc = subprocess.Popen([str(CHECK / "run.sh"), "--cpu", str(out)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 rows = json.loads(step_json.read_text()).get("step") or {}
@@ -425,13 +404,29 @@ def test_run_sh_stopped_in_the_step_bench_keeps_its_eager_rows(mini_kit, tmp_pat
     finally:
         proc.kill()
     assert proc.returncode == 143, stdout[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    res, summary = assert_contract(stdout, out)
+    stages = [(s["stage"], s["exit_code"]) for s in res["stages"]]
+    assert stages == [("install", 0), ("preflight", 0), ("unpack", 0), ("prepare", 0), ("gpu-tests", 0), ("speed", 0),
+                      ("sweep", 0), ("step", 143)]
+
+    # without ffcv
+    assert res["preflight"]["ffcv"] == {"ok": False, "error": "ImportError: ffcv hidden by the test",
+                                        "seconds": res["preflight"]["ffcv"]["seconds"]}
+    prepare = next(s for s in res["stages"] if s["stage"] == "prepare")
+    assert prepare["note"].startswith("skipped: ffcv does not import here")
+    assert res["data"]["path"] == "batch files, no ffcv" and res["data"]["dir"].endswith("cifar-10-batches-py")
+    assert "data path: **batch files, no ffcv (data.format=python, resident loader)**" in summary
+    assert res["speed"][0]["finished"] and res["sweep"]["rows"][0]["finished"]
+    for run in (tmp_path / "work/keep/speed/s0", next((tmp_path / "work/keep/runs").glob("*/alexnet"))):
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert cfg["data"]["format"] == "python" and cfg["data"]["loader"] == "resident"
+    assert not (tmp_path / "work/data").exists()  # no .beton was written
+
+    # stopped in the step bench
     assert res["exit_code"] == 143 and res["stages"][-1]["stage"] == "step"
     assert res["stages"][-1]["note"] == "cut off: run.sh was stopped"
     assert not res["step"]["part_finished"]
     for row in res["step"]["rows"].values():
         assert row["eager_fp32"] > 0 and row["amp"] > 0
-    summary = (out / "summary.md").read_text()
-    assert stdout.endswith(summary) and "**cut off: the rows below are what it measured**" in summary
+    assert "**cut off: the rows below are what it measured**" in summary
     assert "stages that failed or timed out: step" in summary
-    assert {p.name for p in out.iterdir()} == ALLOWED_OUT

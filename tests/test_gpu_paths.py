@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import REPO, SMALL_RUN
+from conftest import SMALL_RUN
+from helpers import SMALL, run_main
 from trainer import UserError
 from trainer.config import DataConfig, load_config
 from trainer.data.common import default_threads, per_process_batch
@@ -20,7 +21,6 @@ from trainer.training import checkpoint, collectives
 from trainer.training.ema import EMA
 from trainer.training.evaluate import evaluate
 
-TINY = REPO / "tests/configs/small.yaml"
 CPU = torch.device("cpu")
 
 
@@ -99,7 +99,7 @@ class HostTraffic(TorchDispatchMode):
 def cpu_trainer(beton_dir, tmp_path_factory):
     from trainer.training.trainer import Trainer
 
-    cfg = load_config(TINY, [f"data.dir={beton_dir}", *SMALL_RUN, "data.loader=resident", "data.test_subset=250"])
+    cfg = load_config(SMALL, [f"data.dir={beton_dir}", *SMALL_RUN, "data.loader=resident", "data.test_subset=250"])
     return Trainer(cfg, tmp_path_factory.mktemp("run"), Dist.single())
 
 
@@ -113,7 +113,7 @@ def test_a_training_step_reads_nothing_back_and_copies_nothing_in(cpu_trainer):
             trainer._step(trainer.compiled, *next(batches))
             trainer.progress.global_step += 1
     assert traffic.seen == []
-    assert trainer.train_sums[2].item() == 3 * trainer.batch  # the image count still adds up
+    assert trainer.sums.train[2].item() == 3 * trainer.batch  # the image count still adds up
 
 
 @pytest.mark.slow
@@ -149,7 +149,7 @@ def test_training_steps_on_cuda_make_no_host_sync(beton_dir, tmp_path, math_flag
     from trainer.training.trainer import Trainer
 
     device = torch.device("cuda", 0)
-    cfg = load_config(TINY, [f"data.dir={beton_dir}", *SMALL_RUN, "data.loader=resident", "train.compile=false"])
+    cfg = load_config(SMALL, [f"data.dir={beton_dir}", *SMALL_RUN, "data.loader=resident", "train.compile=false"])
     trainer = Trainer(cfg, tmp_path, Dist(0, 0, 1, device))
     # The trainer's CUDA math is the step bench's (device.fast_cuda_math): TF32 and cuDNN's search.
     assert torch.get_float32_matmul_precision() == "high"
@@ -198,13 +198,11 @@ def test_compiled_run_reports_compile_time_apart(beton_dir, tmp_path):
     evaluates: the first training step and the eval warm-up are compile time, reported as the part of
     epoch_s (and of the budget) they took."""
     import json
-    import subprocess
-    import sys
 
     run_dir = tmp_path / "run"
-    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=1000",
+    args = ["--config", str(SMALL), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=1000",
             "data.test_subset=250", "train.epochs=1", "train.ema=0", "train.compile=true", "--run-dir", str(run_dir)]
-    r = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = run_main("trainer", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())

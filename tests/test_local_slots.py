@@ -172,40 +172,43 @@ DEVICES = re.compile(r"job started on \S+: CUDA_VISIBLE_DEVICES='([^']*)'")
 
 @pytest.mark.slow
 def test_local_sweep_of_three_jobs_on_two_gpus(beton_dir, tmp_path):
+    # Three seeds of the smallest network: the jobs' scheduling is the point, not what they train.
+    # The launcher runs in this process (test_launch.launch); each job is a process of its own.
     from trainer.device import cpu_flags, native_bf16_cpu
 
-    env = {**os.environ, "TRAINER_LOCAL_GPUS": "0,1"}
-    archs = ["resnet9_tiny", "mobilenet", "alexnet"]
-    r = launch("--arch", ",".join(archs), "--profile", "smoke", "--local", "--sweep", "here", "--runs", str(tmp_path),
-               f"data.dir={beton_dir}", "logging.mode=disabled", env=env)
+    env = {"TRAINER_LOCAL_GPUS": "0,1"}
+    r = launch("--arch", "resnet9_tiny", "--seeds", "3", "--profile", "smoke", "--local", "--sweep", "here", "--runs",
+               tmp_path, f"data.dir={beton_dir}", "logging.mode=disabled", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "--local: running the jobs on this machine with submitit's local executor" in r.stdout
     assert "3 job(s) of sweep here on this machine: at most 2 job(s) at once, on GPU 0; GPU 1" in r.stdout
     record = sweep_record(tmp_path, "here")
     assert record["executor"] == "local"
+    names = ["resnet9_tiny-s0", "resnet9_tiny-s1", "resnet9_tiny-s2"]
+    assert sorted(record["jobs"]) == names
 
     # When each job ran and on what, from the job itself: submitit's first log line in the job,
     # the devices the job printed, and the result file it wrote last.
     jobs = {}
-    for arch in archs:
-        job_id = record["jobs"][arch]["job_id"]
+    for name in names:
+        job_id = record["jobs"][name]["job_id"]
         log = (tmp_path / f"here/submitit/{job_id}/{job_id}_0_log.out").read_text()
         start = datetime.strptime(STARTED.search(log).group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         end = (tmp_path / f"here/submitit/{job_id}/{job_id}_0_result.pkl").stat().st_mtime
         devices = DEVICES.search(log).group(1)
-        assert devices in ("0", "1") and record["jobs"][arch]["devices"] == [int(devices)]
-        jobs[arch] = (devices, start, end)
+        assert devices in ("0", "1") and record["jobs"][name]["devices"] == [int(devices)]
+        jobs[name] = (devices, start, end)
 
-        summary = json.loads((tmp_path / "here" / arch / "summary.json").read_text())
+        summary = json.loads((tmp_path / "here" / name / "summary.json").read_text())
         assert summary["epochs_run"] == 1
-        # The precision train.amp=auto (the default) resolved to on this CPU, as summary.json records it.
+        # The precision train.amp=auto (the recipe's) resolved to on this CPU, as summary.json records it.
         assert summary["amp_setting"] == "auto"
         assert summary["amp"] == ("bf16" if native_bf16_cpu(cpu_flags()) else "fp32")
     assert most_at_once([(s, e) for _, s, e in jobs.values()]) == 2  # the third waited for a free GPU
-    for a in archs:
-        for b in archs:
+    for a in names:
+        for b in names:
             if a < b and overlapping(jobs[a][1:], jobs[b][1:]):
                 assert jobs[a][0] != jobs[b][0], f"{a} and {b} shared GPU {jobs[a][0]}"
 
-    status = launch("--status", "here", "--runs", str(tmp_path), env=env)
+    status = launch("--status", "here", "--runs", tmp_path, env=env)
     assert status.returncode == 0 and status.stdout.count("FINISHED") == 3

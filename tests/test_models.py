@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from trainer.models.__main__ import within_target
 from trainer.models.flops import count_params
 
 NAMES = models.names()
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 EXPECTED_SEED = {
     "alexnet": "AlexNet",
@@ -196,17 +193,14 @@ def test_compile_bf16_matches_eager() -> None:
     torch.testing.assert_close(compiled_out, eager_out, rtol=1.6e-2, atol=1.6e-2 * scale)
 
 
-def test_cli_prints_table(built: Callable[[str], nn.Module]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trainer.models"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "GFLOPs (2 per MAC)" in result.stdout
-    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:] if line.strip()}
+def test_cli_prints_table(built: Callable[[str], nn.Module], capsys) -> None:
+    # `python -m trainer.models`'s main, in this process (its real process: test_entry_points).
+    from trainer.models.__main__ import main
+
+    assert main([]) == 0
+    stdout = capsys.readouterr().out
+    assert "GFLOPs (2 per MAC)" in stdout
+    rows = {line.split()[0]: line for line in stdout.splitlines()[2:] if line.strip()}
     assert set(rows) == set(NAMES)
     for name in NAMES:
         assert f"{count_params(built(name)):,}" in rows[name]

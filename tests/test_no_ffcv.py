@@ -1,6 +1,11 @@
 """data.format=python: the resident loader reads CIFAR-10's official batch files with the project's
 own reader, no ffcv, and hands out exactly the batches it hands out from the .beton files of the
-same source; a run works where ffcv does not import (issue #19, item 4)."""
+same source; a run works where ffcv does not import (issue #19, item 4).
+
+One training run is a process of its own where ffcv cannot be imported at all (a fresh interpreter
+proves that no import of the path reaches it); the other commands run in this process with ffcv
+made unimportable (`without_ffcv`), which holds because the project imports ffcv only inside the
+functions that use it."""
 
 import dataclasses
 import hashlib
@@ -15,6 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_RUN
+from helpers import SMALL, one_error_line, run_main
 from trainer.config import DataConfig
 from trainer.data import build_loaders, build_val_loader
 from trainer.data.checks import data_record
@@ -80,45 +86,50 @@ def _hide_ffcv(tmp_path: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(fake.parent)}
 
 
-def _train(data_dir: Path, run_dir: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trainer", "--config", str(REPO / "tests/configs/small.yaml"), "--run-dir", str(run_dir),
-         f"data.dir={data_dir}", "data.format=python", "data.loader=resident", *SMALL_RUN, "train.epochs=1",
-         "data.val_split=100", "train.threads=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+@pytest.fixture
+def without_ffcv(monkeypatch) -> None:
+    """`import ffcv` (and of any part of it) fails in this process until the test ends, as where its
+    wheel does not load: the modules already imported are hidden too."""
+    for name in [n for n in sys.modules if n == "ffcv" or n.startswith("ffcv.")] + ["ffcv"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError):
+        from ffcv.loader import Loader  # noqa: F401
+
+
+def _train_args(data_dir: Path, run_dir: Path) -> list[str]:
+    return ["--config", str(SMALL), "--run-dir", str(run_dir), f"data.dir={data_dir}", "data.format=python",
+            "data.loader=resident", *SMALL_RUN, "data.train_subset=1000", "data.test_subset=200", "train.epochs=1",
+            "data.val_split=100", "train.threads=1"]
 
 
 def test_trainer_runs_on_the_batch_files_with_ffcv_unimportable(cifar_source, tmp_path):
     env = _hide_ffcv(tmp_path)
     hidden = subprocess.run([sys.executable, "-c", "import ffcv"], env=env, capture_output=True, text=True)
     assert hidden.returncode != 0 and "hidden by the test" in hidden.stderr
-    done = _train(cifar_source, tmp_path / "run", env)
+    done = subprocess.run([sys.executable, "-m", "trainer", *_train_args(cifar_source, tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"]["format"] == "python" and summary["data"]["train_images"] == 5000
     assert summary["data"]["val_split"]["images"] == 100 and summary["epochs_run"] == 1
 
 
-def test_missing_test_batch_is_one_line(cifar_source, tmp_path):
+def test_missing_test_batch_is_one_line(cifar_source, tmp_path, without_ffcv):
     broken = tmp_path / "cifar-10-batches-py"
     shutil.copytree(cifar_source, broken)
     (broken / "test_batch").unlink()
     with pytest.raises(DataError, match="test_batch: missing"):
         ensure_data(broken, "python")  # the launcher's check before it submits anything
-    done = _train(broken, tmp_path / "run", _hide_ffcv(tmp_path))
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "test_batch: missing" in lines[0], done.stderr[-3000:]
+    done = run_main("trainer", *_train_args(broken, tmp_path / "run"))
+    one_error_line(done, "test_batch: missing")
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_launcher_checks_the_batch_folder_and_prepares_nothing(cifar_source, tmp_path):
+def test_launcher_checks_the_batch_folder_and_prepares_nothing(cifar_source, tmp_path, without_ffcv):
     data = tmp_path / "cifar-10-batches-py"
     shutil.copytree(cifar_source, data)
-    r = subprocess.run([sys.executable, str(REPO / "jobs/launch.py"), "--arch", "resnet9_tiny", "--profile", "smoke",
-                        "--local", "--dry-run", "--runs", str(tmp_path / "runs"), f"data.dir={data}",
-                        "data.format=python", "data.loader=resident"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=_hide_ffcv(tmp_path))
+    r = run_main("jobs/launch.py", "--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--dry-run", "--runs",
+                 str(tmp_path / "runs"), f"data.dir={data}", "data.format=python", "data.loader=resident")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data.format=python" in r.stdout and "preparing" not in r.stdout
     assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in cifar_source.iterdir())  # no .beton

@@ -5,15 +5,13 @@ evaluation of the checkpoints through the project's own test loader."""
 import csv
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO, Result, run_main
 from trainer.device import amp_dtype, cpu_flags, native_bf16_cpu
 from wandb_records import history, read_records
 
@@ -23,8 +21,8 @@ ARCHS = ["resnet9_tiny", "mobilenet", "alexnet", "inception_bn", "efficientnet"]
 
 
 def small(beton_dir: Path, config: str, *extra: str) -> list[str]:
-    """Seconds per run: 500 training images (5 steps), 500 test images, one CPU thread each so that
-    the three runs can train side by side."""
+    """Seconds per run: 500 training images (5 steps), 500 test images, one CPU thread (two spin
+    against each other where other work shares the cores)."""
     return [
         "--config", str(CONFIGS / config), f"data.dir={beton_dir}", "data.train_subset=500", "data.test_subset=500",
         "data.batch_size=100", "data.num_workers=1", "data.flip=false", "data.translate=0", "train.patience=0",
@@ -35,7 +33,9 @@ def small(beton_dir: Path, config: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sweep(beton_dir, tmp_path_factory) -> Path:
-    """runs/<sweep>/ as the launcher lays it out, trained by the real trainer."""
+    """runs/<sweep>/ as the launcher lays it out, trained by the real trainer (in this process, one
+    run after the other). Training it and writing the report take most of a minute: the tests
+    that read it are marked slow."""
     sweep_dir = tmp_path_factory.mktemp("runs") / SWEEP
     jobs = {
         # tiny.yaml: train.amp=auto (bf16 on this CPU only if it has native bf16), flip TTA; two epochs so
@@ -46,12 +46,9 @@ def sweep(beton_dir, tmp_path_factory) -> Path:
         # a two-epoch run stopped after its first epoch: unfinished
         "alexnet": [*small(beton_dir, "alexnet.yaml", "train.epochs=2"), "--stop-after-epoch", "1"],
     }
-    procs = {arch: subprocess.Popen([sys.executable, "-m", "trainer", *args, "--run-dir", str(sweep_dir / arch)],
-                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch, args in jobs.items()}
-    for arch, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{arch}: {err[-3000:]}"
+    for arch, args in jobs.items():
+        done = run_main("trainer", *args, "--run-dir", str(sweep_dir / arch))
+        assert done.returncode == 0, f"{arch}: {done.stderr[-3000:]}"
     assert not (sweep_dir / "alexnet/summary.json").exists()
 
     # A run whose summary.json was cut short.
@@ -67,9 +64,8 @@ def sweep(beton_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reported(sweep) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(REPO / "jobs/report.py"), str(sweep), "--wandb-mode", "offline"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+def reported(sweep) -> Result:
+    r = run_main("jobs/report.py", str(sweep), "--wandb-mode", "offline")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -93,6 +89,7 @@ def number(cell: str) -> float | None:
     return float(cell) if cell else None
 
 
+@pytest.mark.slow
 def test_table_numbers_are_the_summaries_and_the_seed(sweep, reported):
     rows = {r["arch"]: r for r in csv_rows(sweep)}
     assert list(rows) == sorted(["resnet9_tiny", "mobilenet"], key=lambda a: -summary(sweep, a)["best_test_acc"]) + [
@@ -127,6 +124,7 @@ def test_table_numbers_are_the_summaries_and_the_seed(sweep, reported):
     assert "tested on the first 500 test images" in report
 
 
+@pytest.mark.slow
 def test_missing_and_broken_runs_are_listed(sweep, reported):
     rows = {r["arch"]: r for r in csv_rows(sweep)}
     assert rows["alexnet"]["status"] == "unfinished: epoch 1 of 2"
@@ -142,6 +140,7 @@ def test_missing_and_broken_runs_are_listed(sweep, reported):
     assert "# Sweep rep: 2 of 5 runs finished" in reported.stdout
 
 
+@pytest.mark.slow
 def test_plots_are_real_images(sweep, reported):
     import matplotlib.image
 
@@ -155,6 +154,7 @@ def test_plots_are_real_images(sweep, reported):
         assert f"(plots/{name})" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_deployment_figures(sweep, reported):
     rows = {r["arch"]: r for r in csv_rows(sweep)}
     for arch in ("resnet9_tiny", "mobilenet"):
@@ -225,6 +225,7 @@ def test_ensemble_matches_an_independent_evaluation(sweep, reported, beton_dir):
     assert f"Ensemble {correct / 5:.2f}% vs the best single model" in reported.stdout and f"{best:.2f}%:" in reported.stdout
 
 
+@pytest.mark.slow
 def test_wandb_report_run_holds_the_table(sweep, reported):
     (wandb_file,) = (sweep / "wandb").glob("offline-run-*/run-*.wandb")
     records = read_records(wandb_file)
@@ -241,6 +242,7 @@ def test_wandb_report_run_holds_the_table(sweep, reported):
     assert "wandb sync" in reported.stdout
 
 
+@pytest.mark.slow
 def test_folder_of_runs_without_sweep_json(sweep, tmp_path):
     from trainer.report import make_report
 
@@ -278,6 +280,7 @@ def test_bad_input_is_one_error_line(layout, fragment, tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith(f"error: {folder}") and fragment in err
 
 
+@pytest.mark.slow
 def test_ensemble_of_an_unfinished_run_is_refused(sweep, capsys):
     from trainer.report import main
 

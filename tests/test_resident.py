@@ -1,12 +1,9 @@
 """The device-resident loader (data.loader=resident) against the FFCV loader, on the real CIFAR-10 copy:
-the same tensors bit for bit, seeded shuffles and shards, batch-wise augmentation, and exact resume."""
+the same tensors bit for bit, seeded shuffles and shards, batch-wise augmentation, and exact resume
+(against conftest.resident_reference, trained once a session)."""
 
 import dataclasses
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +11,15 @@ import pytest
 import torch
 
 from pixel_tables import random_table, shifts_of, unaugmented
-from conftest import REPO
+from conftest import EVERY_STEP, REPO, resident_run_args, signal_at_step
+from helpers import run_main
 from trainer.config import DataConfig
 from trainer.data.cifar10 import read_split
 from trainer.data import build_loaders
 from trainer.distributed import Dist
-from trainer.data.resident import ResidentLoader, epoch_order, pixel_indices, pixel_table
+from trainer.data.augment import pixel_indices, pixel_table
+from trainer.data.resident import ResidentLoader, epoch_order
 
-TINY = REPO / "jobs/configs/tiny.yaml"  # the CPU recipe: every technique of issue #14 that applies
 SPEED = REPO / "jobs/configs/speed.yaml"
 
 
@@ -185,49 +183,26 @@ def test_ranks_get_disjoint_shards(beton_dir):
 # ---- through the trainer ------------------------------------------------------------------------
 
 
-def _small(beton_dir: Path, *extra: str) -> list[str]:
-    """tiny.yaml (alternating flip, reflect translation, whitening, lookahead, fast biases, 6-view
-    TTA) shrunk to seconds, with every other augmentation on too (cutout, mixup, cutmix): 20 steps an
-    epoch, 2 epochs; one thread, which keeps a busy 2-core machine from slowing it tenfold."""
-    return [
-        "--config", str(TINY), f"data.dir={beton_dir}", "data.loader=resident", "data.train_subset=2000",
-        "data.test_subset=200", "data.batch_size=100", "data.flip=true", "data.translate=2", "data.cutout=8",
-        "data.mixup=0.2", "data.cutmix=1.0", "data.mix_prob=0.5",
-        "train.epochs=2", "train.ema=0.9", "train.threads=1", "logging.mode=disabled", "logging.log_every=2", *extra,
-    ]
-
-
-def _trainer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-
-
 def _weights(run_dir: Path) -> dict:
     state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
     return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
 
 @pytest.mark.slow
-def test_mid_epoch_resume_with_augmentation_is_exact(beton_dir, tmp_path):
-    whole = tmp_path / "whole"
-    r = _trainer(*_small(beton_dir), "--run-dir", str(whole))
-    assert r.returncode == 0, r.stderr
-
+def test_mid_epoch_resume_with_augmentation_is_exact(resident_reference, beton_dir, tmp_path, monkeypatch):
+    whole = resident_reference  # conftest: resident_run_args, uninterrupted
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *_small(beton_dir), "--run-dir", str(run_dir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.05)  # into epoch 2's steps (20 of them), past the end-of-epoch stop check
-    proc.send_signal(signal.SIGUSR2)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "stopped by signal SIGUSR2" in out
+    # A real SIGUSR2, sent by the trainer to itself right after step 25: inside epoch 2 (20 steps an
+    # epoch), past the end-of-epoch stop check, mid-way through its augmentations and mixes.
+    signal_at_step(monkeypatch, 25)
+    r = run_main("trainer", *resident_run_args(beton_dir, EVERY_STEP), "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "stopped by signal SIGUSR2 in epoch 2 at step 5" in r.stdout
     stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
-    assert stopped["epoch"] == 1 and 0 < stopped["epoch_step"] < 20, "the stop was meant to fall inside epoch 2"
+    assert (stopped["epoch"], stopped["epoch_step"]) == (1, 5), "the stop was meant to fall inside epoch 2"
+    monkeypatch.undo()
 
-    again = _trainer("--run-dir", str(run_dir))
+    again = run_main("trainer", "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr
     assert f"from epoch 2, step {stopped['epoch_step']}" in again.stdout
     a, b = _weights(run_dir), _weights(whole)
@@ -246,9 +221,9 @@ def test_speed_profile_runs_one_epoch_on_a_subset(beton_dir, tmp_path):
     cfg = load_config(SPEED)
     assert cfg.model.arch == "airbench94" and cfg.data.loader == "resident" and cfg.train.tta and cfg.train.lookahead_every
     run_dir = tmp_path / "speed"
-    r = _trainer("--config", str(SPEED), "--run-dir", str(run_dir), f"data.dir={beton_dir}", "data.train_subset=128",
-                 "data.test_subset=128", "data.batch_size=64", "train.epochs=1", "logging.mode=disabled",
-                 "logging.log_every=1")
+    r = run_main("trainer", "--config", str(SPEED), "--run-dir", str(run_dir), f"data.dir={beton_dir}",
+                 "data.train_subset=128", "data.test_subset=128", "data.batch_size=64", "train.epochs=1",
+                 "logging.mode=disabled", "logging.log_every=1")
     assert r.returncode == 0, r.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and summary["arch"] == "airbench94"

@@ -2,8 +2,9 @@
 it, two trainers never share it, a torn metrics line or unreadable checkpoints never cost the run,
 --restart keeps the old folder, and torch's unsafe-load advice never reaches a message.
 
-One real trainer run makes the good folder every test copies; the failing commands run in-process
-(they stop before training), the ones that must train or compete run as real processes.
+One trainer run makes the good folder every test copies; every command runs in this process
+(helpers.run_main) but the first trainer of the lock test, which must be another live process and
+then die holding the lock.
 """
 
 import os
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SMALL_RUN
+from helpers import SMALL, error_lines, run_main
 
-TINY = REPO / "tests/configs/small.yaml"
 WEIGHTS_ONLY = "not a weights-only checkpoint (refused: it would run code)"
 TORN = '{"epoch": 3, "train_loss": 1.2, "train_a'  # an append cut short by a crash or a full disk
 
@@ -38,19 +39,10 @@ def overrides(beton_dir: Path, *extra: str) -> list[str]:
     return [f"data.dir={beton_dir}", *SMALL_RUN, *extra]
 
 
-def trainer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` and its bytes, but the lock file (it names its latest holder)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != ".lock"}
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [ln for ln in stderr.splitlines() if ln.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,8 @@ def good_run(beton_dir, tmp_path_factory) -> Path:
     """A run paused after epoch 2 of 3: config.yaml, metrics of epochs 1-2, last.pt (epoch 2),
     prev.pt (epoch 1), best.pt. Copy it (copy_run) before changing anything."""
     run_dir = tmp_path_factory.mktemp("good") / "run"
-    r = trainer("--config", str(TINY), *overrides(beton_dir), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
+    r = run_main("trainer", "--config", str(SMALL), *overrides(beton_dir), "--run-dir", str(run_dir),
+                 "--stop-after-epoch", "2")
     assert r.returncode == 0, r.stderr
     return run_dir
 
@@ -90,7 +83,7 @@ def test_a_failed_command_changes_nothing_in_the_run_folder(run_dir, beton_dir, 
     (run_dir / "checkpoints/.last.pt.abc123.tmp").write_bytes(b"half a save")  # not even this goes
     before = snapshot(run_dir)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train(TINY, overrides(beton_dir, bad), run_dir)
+        train(SMALL, overrides(beton_dir, bad), run_dir)
     assert snapshot(run_dir) == before
 
 
@@ -99,7 +92,7 @@ def test_a_failed_command_leaves_no_new_folder_behind(beton_dir, tmp_path):
     from trainer.training.run import train
 
     with pytest.raises(UserError, match="exceeds"):
-        train(TINY, overrides(beton_dir, "data.batch_size=100000"), tmp_path / "new")
+        train(SMALL, overrides(beton_dir, "data.batch_size=100000"), tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -108,7 +101,8 @@ def test_a_failed_command_leaves_no_new_folder_behind(beton_dir, tmp_path):
 
 def test_the_lock_refuses_a_second_holder_naming_the_first(run_dir, beton_dir):
     from trainer import UserError
-    from trainer.training.run import claim_run_dir, train
+    from trainer.training.run import train
+    from trainer.training.run_folder import claim_run_dir
 
     claim = claim_run_dir(run_dir)  # as a trainer running in this process holds it
     try:
@@ -134,7 +128,7 @@ def test_a_second_trainer_is_refused_and_the_lock_dies_with_its_holder(run_dir, 
         while len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:  # then it is training epoch 4
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        second = trainer("--run-dir", str(run_dir), "--stop-after-epoch", "4")
+        second = run_main("trainer", "--run-dir", str(run_dir), "--stop-after-epoch", "4")
         assert second.returncode == 1, second.stderr
         (line,) = error_lines(second.stderr)
         assert line.startswith(f"error: {run_dir}: in use by another trainer (PID {first.pid} on host "
@@ -142,7 +136,7 @@ def test_a_second_trainer_is_refused_and_the_lock_dies_with_its_holder(run_dir, 
     finally:
         first.send_signal(signal.SIGKILL)  # gone without a word, as after a node failure or an OOM kill
         first.wait(timeout=60)
-    from trainer.training.run import claim_run_dir
+    from trainer.training.run_folder import claim_run_dir
 
     claim_run_dir(run_dir).release()  # so a requeued job's next incarnation gets the lock
 
@@ -157,7 +151,7 @@ def test_resume_drops_a_torn_metrics_line_with_a_warning(run_dir, capsys):
 
     metrics = run_dir / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + TORN)
-    RunLogger(run_dir, load_config(TINY, ["logging.mode=disabled"]), None, resume_epoch=2)
+    RunLogger(run_dir, load_config(SMALL, ["logging.mode=disabled"]), None, resume_epoch=2)
     warning = capsys.readouterr().err
     assert f"warning: {metrics}: line 3 is not JSON" in warning and len(error_lines(warning)) == 1
     assert [r["epoch"] for r in read_metrics(metrics)] == [1, 2]  # strict reading works again
@@ -218,7 +212,7 @@ def test_resume_after_a_crash_mid_write_finishes_the_run(run_dir, tmp_path):
     stale.write_bytes(b"half a save")
     marker = tmp_path / "code-ran"
     write_code_pickle(run_dir / "checkpoints/last.pt", marker)
-    r = trainer("--run-dir", str(run_dir))
+    r = run_main("trainer", "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert "from epoch 2, step 0" in r.stdout  # prev.pt: the state after epoch 1
     warnings = error_lines(r.stderr)
@@ -285,7 +279,7 @@ def test_restart_keeps_the_old_folder_and_starts_afresh(run_dir, tmp_path, capsy
 def test_a_failed_restart_puts_the_old_folder_back(run_dir, tmp_path):
     spoil_checkpoints(run_dir, tmp_path)
     before = snapshot(run_dir)
-    r = trainer("--run-dir", str(run_dir), "--restart", "data.dir=/nonexistent/cifar")
+    r = run_main("trainer", "--run-dir", str(run_dir), "--restart", "data.dir=/nonexistent/cifar")
     assert r.returncode == 1
     (line,) = error_lines(r.stderr)
     assert line.startswith("error: /nonexistent/cifar/train.beton: not found"), r.stderr
@@ -297,7 +291,7 @@ def test_restart_needs_a_run_dir():
     from trainer.training.run import train
 
     with pytest.raises(UserError, match="--restart needs --run-dir"):
-        train(TINY, [], None, restart=True)
+        train(SMALL, [], None, restart=True)
 
 
 # ---- torch's unsafe-load advice stays out of messages ---------------------------------------------

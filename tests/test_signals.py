@@ -1,5 +1,8 @@
 """A stop signal (SIGTERM, SIGUSR2) is honoured within seconds, whatever the logging interval: the
-ranks agree on it at an interval measured in seconds (train.stop_check_s), not in logging steps."""
+ranks agree on it at an interval measured in seconds (train.stop_check_s), not in logging steps.
+
+One test sends a real SIGUSR2 to a real trainer process from outside; the others use the
+deterministic stop hook (conftest.signal_at_step), which lands the signal at a known step."""
 
 import os
 import signal
@@ -11,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN
+from conftest import REPO, SIGNALLED_STEP, SMALL_RUN
 from trainer.config import TrainConfig
-from trainer.training.trainer import StopCheck
+from trainer.training.stopping import StopCheck
 
 TINY = REPO / "tests/configs/small.yaml"
 # On the CPU, where an epoch takes a minute (on a GPU it could end before the first check), and
@@ -87,33 +90,13 @@ def test_sigusr2_stops_within_seconds_with_a_long_logging_interval(beton_dir, tm
     assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 625
 
 
-def _worker_of_rank(launcher_pid: int, rank: int) -> int:
-    """The PID of torchrun's worker with LOCAL_RANK `rank`."""
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True, check=False)
-    for pid in children.stdout.split():
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"LOCAL_RANK={rank}".encode() in environ:
-            return int(pid)
-    raise AssertionError(f"no worker of rank {rank} among {children.stdout.split()}")
-
-
 @pytest.mark.slow
-def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    # A global batch of 16: 8 a rank.
-    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=16",
-            "train.epochs=1", "logging.log_every=100000", "--run-dir", str(run_dir)]
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_UNBUFFERED)
-    try:
-        _wait_for_training(proc)
-        # Only rank 1: rank 0 must learn of it at the next check, and both stop after the same step.
-        os.kill(_worker_of_rank(proc.pid, 1), signal.SIGUSR2)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    assert "stopped by signal SIGUSR2 in epoch 1" in out
-    stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
-    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 313  # 5,000 images / (2 x 8) per step
+def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(two_rank_run):
+    # conftest.two_rank_run: SIGUSR2 to rank 1 only, right after global step SIGNALLED_STEP, with no
+    # logging step in the epoch. Rank 0 must learn of it at the next check and both stop after the
+    # same step: a rank that trained on would wait in its next collective for one that had left.
+    assert two_rank_run.paused.returncode == 0
+    epoch, step = divmod(SIGNALLED_STEP, 30)  # 3,000 images / 100 a step (50 a rank)
+    assert f"stopped by signal SIGUSR2 in epoch {epoch + 1} at step {step}" in two_rank_run.paused.stdout
+    stopped = two_rank_run.paused_state
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (epoch, step, SIGNALLED_STEP)

@@ -6,10 +6,15 @@ from dataclasses import replace
 import pytest
 
 from trainer.config import TrainConfig
+from trainer.training.budget import Plan
 from trainer.training.progress import Progress
 from trainer.training.stopping import Reason, should_stop
 
-CFG = TrainConfig(epochs=10, patience=3, time_budget_s=100.0)
+CFG = TrainConfig(epochs=10, patience=3)
+BUDGET = TrainConfig(epochs=10, patience=0, budget_s=60.0)
+# A plan fitted to train.budget_s=60: 250 steps of 100 an epoch.
+PLAN = Plan(budget_s=60.0, calibrated_at=10, step_s=0.1, eval_s=1.0, checkpoint_s=0.1, margin_s=2.0,
+            total_steps=250, epochs=2.5, images_per_s=1000.0)
 
 
 def reason(progress: Progress, cfg: TrainConfig = CFG, **requests) -> Reason | None:
@@ -34,11 +39,14 @@ def test_patience_ends_the_run_and_zero_means_never():
     assert reason(Progress(epoch=5, bad_epochs=50), replace(CFG, patience=0)) is None
 
 
-def test_time_budget_ends_the_run_after_the_epoch_that_passes_it():
-    stop = should_stop(Progress(epoch=1, elapsed_s=100.0), CFG)
-    assert stop.reason is Reason.TIME_BUDGET and stop.ends_run
-    assert "stopping after epoch 1 of 10" in stop.message and "train.time_budget_s=100" in stop.message
-    assert reason(Progress(epoch=1, elapsed_s=1e9), replace(CFG, time_budget_s=0.0)) is None
+def test_a_budget_ends_the_run_at_its_plans_step_not_by_the_clock():
+    stop = should_stop(Progress(epoch=3, global_step=250, elapsed_s=50.0, plan=PLAN), BUDGET)
+    assert stop.reason is Reason.BUDGET_PLAN_DONE and stop.ends_run
+    assert stop.message == "budget plan done: 250 steps (2.50 epochs) in 50.0 s of train.budget_s=60"
+    # The plan was fitted to end inside the budget: the clock alone ends nothing, so every rank
+    # takes the same decision whatever its own clock says.
+    assert reason(Progress(epoch=2, global_step=200, elapsed_s=1e9, plan=PLAN), BUDGET) is None
+    assert reason(Progress(epoch=1, global_step=100, elapsed_s=1e9), BUDGET) is None  # no plan fitted yet
 
 
 def test_stop_after_epoch_pauses_the_run():
@@ -67,7 +75,7 @@ def test_mid_epoch_only_a_signal_stops():
     [
         # Reasons that end the run come before those that pause it...
         (Progress(epoch=4, bad_epochs=3, elapsed_s=100.0), {"signum": signal.SIGTERM}, Reason.PATIENCE),
-        (Progress(epoch=4, elapsed_s=100.0), {"stop_after_epoch": 4}, Reason.TIME_BUDGET),
+        (Progress(epoch=3, global_step=250, plan=PLAN), {"stop_after_epoch": 3}, Reason.BUDGET_PLAN_DONE),
         # ...but a requested stop at the last epoch pauses (the summary comes with the next start).
         (Progress(epoch=10), {"stop_after_epoch": 10}, Reason.STOP_AFTER_EPOCH),
         (Progress(epoch=10), {"signum": signal.SIGUSR2}, Reason.SIGNAL),
@@ -85,20 +93,15 @@ def test_should_stop_leaves_the_progress_alone():
 
 
 def test_eval_every_evaluates_its_epochs_and_every_end_of_the_run():
-    from trainer.training.budget import Plan
     from trainer.training.stopping import evaluates
 
     every2 = TrainConfig(epochs=5, patience=0, eval_every=2)
     assert [evaluates(Progress(epoch=e), every2) for e in range(1, 6)] == [False, True, False, True, True]
     once = replace(every2, eval_every=0)  # only the run's end
     assert [evaluates(Progress(epoch=e), once) for e in range(1, 6)] == [False, False, False, False, True]
-    # Whatever ends the run: its time budget passed, its budget plan done.
-    assert evaluates(Progress(epoch=2, elapsed_s=30.0), replace(once, time_budget_s=30.0))
-    assert not evaluates(Progress(epoch=2, elapsed_s=29.9), replace(once, time_budget_s=30.0))
-    plan = Plan(budget_s=60.0, calibrated_at=10, step_s=0.1, eval_s=1.0, checkpoint_s=0.1, margin_s=2.0,
-                total_steps=250, epochs=2.5, images_per_s=1000.0)
-    assert evaluates(Progress(epoch=3, global_step=250, plan=plan), replace(once, budget_s=60.0))
-    assert not evaluates(Progress(epoch=2, global_step=200, plan=plan), replace(once, budget_s=60.0))
+    # Whatever ends the run: its epochs trained, its budget plan done (possibly mid-epoch).
+    assert evaluates(Progress(epoch=3, global_step=250, plan=PLAN), replace(once, budget_s=60.0))
+    assert not evaluates(Progress(epoch=2, global_step=200, elapsed_s=1e9, plan=PLAN), replace(once, budget_s=60.0))
     # A pause is no end: the paused epoch is saved (last.pt), not evaluated.
     assert not evaluates(Progress(epoch=1), once)
     with pytest.raises(ValueError, match="eval_every: early stopping"):

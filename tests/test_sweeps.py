@@ -1,7 +1,7 @@
 """Seeds and grids in the sweep launcher, and the report's statistics over seeds: grid expansion and
-the t quantiles (unit), a grid's dry run and the --yes rule through the real launcher, and one real
-2-seed --local sweep of resnet9_tiny (shared by the slow tests) reported with mean, std and a 95%
-confidence interval."""
+the t quantiles (unit), a grid's dry run and the --yes rule through the real launcher (run in this
+process), and one real 2-seed --local sweep of resnet9_tiny (shared by the slow tests; its jobs are
+submitit's processes) reported with mean, std and a 95% confidence interval."""
 
 import csv
 import json
@@ -16,8 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from test_launch import launch, sweep_record
+from helpers import Result, run_main
 from wandb_records import read_records
+
+
+def launch(*args: str) -> Result:
+    """`python jobs/launch.py ARGS`, run in this process."""
+    return run_main("jobs/launch.py", *args)
+
+
+def sweep_record(runs: Path, sweep: str) -> dict:
+    return json.loads((runs / sweep / "sweep.json").read_text())
 
 # ---- grid expansion ----------------------------------------------------------------------------
 
@@ -145,7 +154,7 @@ def srun_commands(stdout: str) -> list[list[str]]:
 
 def test_grid_dry_run_lists_every_point(beton_dir, tmp_path):
     r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--dry-run", "--sweep", "g", "--runs",
-               str(tmp_path), f"data.dir={beton_dir}", "optim.lr=0.05,0.1", "logging.tags=[a,b]", timeout=120)
+               str(tmp_path), f"data.dir={beton_dir}", "optim.lr=0.05,0.1", "logging.tags=[a,b]")
     assert r.returncode == 0, r.stderr
     commands = srun_commands(r.stdout)
     assert len(commands) == 2
@@ -157,7 +166,7 @@ def test_grid_dry_run_lists_every_point(beton_dir, tmp_path):
 
     # Each point's config is checked before anything runs.
     bad = launch("--arch", "resnet9_tiny", "--local", "--runs", str(tmp_path), f"data.dir={beton_dir}",
-                 "optim.lr=0.05,fast", timeout=120)
+                 "optim.lr=0.05,fast")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "optim.lr: expected a number" in bad.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -168,23 +177,23 @@ def test_more_than_fifty_jobs_need_yes(beton_dir, tmp_path):
     # 7 architectures x 8 points (the last one invalid) = 56 jobs.
     args = ["--all", "--profile", "smoke", "--local", "--runs", str(tmp_path), f"data.dir={beton_dir}",
             f"optim.lr={lrs},fast"]
-    r = launch(*args, timeout=120)
+    r = launch(*args)
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("error: 56 jobs (7 architecture(s) x 8 grid point(s) x 1 seed(s)): more than 50; add --yes")
     # With --yes the launch goes on to the next check (it would submit all 56): here, the bad point.
-    r = launch(*args, "--yes", timeout=120)
+    r = launch(*args, "--yes")
     assert r.returncode == 1 and "optim.lr: expected a number" in r.stderr and "--yes" not in r.stderr
     assert list(tmp_path.iterdir()) == []
 
     r = launch("--all", "--profile", "smoke", "--local", "--runs", str(tmp_path), f"data.dir={beton_dir}",
-               f"optim.lr={lrs},0.08", "--dry-run", timeout=120)
+               f"optim.lr={lrs},0.08", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "56 jobs: more than 50; submitting them needs --yes" in r.stdout and len(srun_commands(r.stdout)) == 56
 
 
 def test_seeds_and_a_seed_override_exclude_each_other(beton_dir, tmp_path):
     r = launch("--arch", "resnet9_tiny", "--local", "--seeds", "2", "--runs", str(tmp_path), f"data.dir={beton_dir}",
-               "train.seed=3", timeout=120)
+               "train.seed=3")
     assert r.returncode == 1 and r.stderr == "error: --seeds sets train.seed (0..N-1) itself: drop the train.seed override\n"
 
 
@@ -261,16 +270,16 @@ def test_report_gives_mean_std_and_interval_over_seeds(two_seeds):
 @pytest.mark.slow
 def test_status_skip_and_more_seeds_work_per_seed(two_seeds, beton_dir):
     runs, _ = two_seeds
-    status = launch("--status", SWEEP, "--runs", str(runs), timeout=120)
+    status = launch("--status", SWEEP, "--runs", str(runs))
     assert status.returncode == 0
     assert all(re.search(rf"^  {n}\s+FINISHED", status.stdout, re.MULTILINE) for n in NAMES), status.stdout
 
     common = ["--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--sweep", SWEEP, "--runs", str(runs),
               f"data.dir={beton_dir}", "logging.mode=offline"]
-    again = launch(*common, "--seeds", "2", timeout=120)
+    again = launch(*common, "--seeds", "2")
     assert again.returncode == 0 and again.stdout.count("finished already") == 2 and "nothing to submit" in again.stdout
     # One more seed: only seed 2 would train; the two finished ones are skipped, each by name.
-    more = launch(*common, "--seeds", "3", "--dry-run", timeout=120)
+    more = launch(*common, "--seeds", "3", "--dry-run")
     assert more.returncode == 0, more.stderr
     assert [c[c.index("--run-dir") + 1] for c in srun_commands(more.stdout)] == [str(runs / SWEEP / "resnet9_tiny-s2")]
     assert "train.seed=2" in srun_commands(more.stdout)[0]

@@ -1,19 +1,23 @@
-"""The trainer as users run it: real processes, the test CIFAR-10 (conftest), ffcv, gloo DDP, offline W&B;
-then its parts (checkpoint, schedule, evaluation) on their own."""
+"""The trainer as users run it: in this process through its main(argv) (tests/helpers.run_main), on the
+test CIFAR-10 (conftest), ffcv, offline W&B; under torchrun with gloo DDP; then its parts
+(checkpoint, schedule, evaluation) on their own.
+
+Every exact-resume proof here compares with one uninterrupted run of the same config, trained once
+a session (conftest.small_reference), and pays only for its own interrupted and resumed run."""
 
 import json
 import os
+import runpy
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN
+from conftest import EVERY_STEP, FAKE_WANDB_KEY, REPO, signal_at_step, small_run_args
+from helpers import Result, run_main
 from wandb_records import config as wandb_config
 from wandb_records import history, read_records
 
@@ -22,17 +26,13 @@ SUMMARY_FIELDS = {
     "test_acc", "best_test_acc", "best_epoch", "train_acc", "gap", "params", "arch", "epochs_run", "wall_time_s",
     "gpu_seconds", "world_size", "device", "torch_version", "git_sha", "data",
 }
-FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
+FAKE_KEY = FAKE_WANDB_KEY
+small = small_run_args
 
 
-def small(beton_dir: Path, *extra: str) -> list[str]:
-    """The tests' config (tests/configs/small.yaml) shrunk to seconds (conftest.SMALL_RUN) on the test data, with `extra` overrides."""
-    return ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, *extra]
-
-
-def trainer(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+def trainer(*args: str, env: dict | None = None) -> Result:
+    """`python -m trainer ARGS`, run in this process: exit code, stdout and stderr as a subprocess's."""
+    return run_main("trainer", *args, env=env)
 
 
 def weights(run_dir: Path) -> dict:
@@ -51,71 +51,84 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(beton_dir, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    r = trainer(*small(beton_dir), "--run-dir", str(run_dir))
-    assert r.returncode == 0, r.stderr
-    return run_dir
-
-
-def test_trains_and_writes_run_folder(uninterrupted):
-    rows = metrics(uninterrupted)
+def test_trains_and_writes_run_folder(small_reference):
+    rows = metrics(small_reference)
     assert [m["epoch"] for m in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
-    summary = json.loads((uninterrupted / "summary.json").read_text())
+    summary = json.loads((small_reference / "summary.json").read_text())
     assert SUMMARY_FIELDS <= summary.keys()
     assert summary["best_test_acc"] == max(m["test_acc"] for m in rows) and summary["epochs_run"] == 3
     assert summary["test_acc"] == rows[-1]["test_acc"]
     assert summary["gap"] == pytest.approx(summary["train_acc"] - summary["best_test_acc"])
     assert summary["compile_s"] == 0.0 and all(m["compile_s"] == 0.0 for m in rows)  # not compiled on a CPU
     assert summary["data"]["train_sha256"] and summary["arch"] == "resnet9_tiny"
-    best = torch.load(uninterrupted / "checkpoints/best.pt", weights_only=True)
+    best = torch.load(small_reference / "checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == summary["best_epoch"] and best["test_acc"] == summary["best_test_acc"]
     # Saved from the raw module: no DDP/compile prefixes in the names.
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["model"])
-    assert (uninterrupted / "config.yaml").read_text().startswith("model:")
+    assert (small_reference / "config.yaml").read_text().startswith("model:")
 
 
-@pytest.mark.slow
-def test_resume_at_epoch_boundary_is_exact(uninterrupted, beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def paused_after_2(beton_dir, tmp_path_factory) -> Path:
+    """The reference's config with offline W&B, paused by --stop-after-epoch 2: the start of the
+    epoch-boundary, truncated-checkpoint, mid-epoch-signal and non-finite-loss tests, each of
+    which resumes its own copy."""
+    run_dir = tmp_path_factory.mktemp("paused") / "run"
     first = trainer(*small(beton_dir, "logging.mode=offline"), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
     assert first.returncode == 0, first.stderr
     assert "stopped after epoch 2" in first.stdout and not (run_dir / "summary.json").exists()
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run", symlinks=True))
+
+
+@pytest.mark.slow
+def test_resume_at_epoch_boundary_is_exact(small_reference, paused_after_2, tmp_path):
+    run_dir = copy_of(paused_after_2, tmp_path)
     second = trainer("--run-dir", str(run_dir), "logging.mode=offline")  # the run's own config.yaml
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stdout and "from epoch 3, step 0" in second.stdout
-    assert_same_weights(run_dir, uninterrupted)
-    assert [m["test_acc"] for m in metrics(run_dir)] == [m["test_acc"] for m in metrics(uninterrupted)]
+    assert_same_weights(run_dir, small_reference)
+    assert [m["test_acc"] for m in metrics(run_dir)] == [m["test_acc"] for m in metrics(small_reference)]
     # Both segments wrote to the same W&B run.
     run_ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2 and len(run_ids) == 1
 
 
-def test_sigusr2_mid_epoch_checkpoints_then_resumes_exactly(uninterrupted, beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *small(beton_dir), "--run-dir", str(run_dir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR2)  # now in epoch 2
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "stopped by signal SIGUSR2" in out
+def test_sigusr2_mid_epoch_checkpoints_then_resumes_exactly(small_reference, paused_after_2, tmp_path, monkeypatch):
+    # The real SIGUSR2, sent by the trainer to its own process right after step 70 (epoch 3, step
+    # 10); the real handler and stop check act on it. A separate process signalled from outside:
+    # test_signals.
+    run_dir = copy_of(paused_after_2, tmp_path)
+    signal_at_step(monkeypatch, 70)
+    stopped_run = trainer("--run-dir", str(run_dir), EVERY_STEP)
+    assert stopped_run.returncode == 0, stopped_run.stderr
+    assert "stopped by signal SIGUSR2 in epoch 3 at step 10" in stopped_run.stdout
     stopped = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
-    assert (stopped["epoch"], stopped["epoch_step"] > 0) in {(1, True), (2, False)}
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (2, 10, 70)
     assert not (run_dir / "summary.json").exists()
+    monkeypatch.undo()
 
     again = trainer("--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr
+    assert "from epoch 3, step 10" in again.stdout
     assert (run_dir / "summary.json").exists()
-    assert_same_weights(run_dir, uninterrupted)
+    assert_same_weights(run_dir, small_reference)
+    assert [m["test_acc"] for m in metrics(run_dir)] == [m["test_acc"] for m in metrics(small_reference)]
+
+
+def record_result(run_dir: Path, out: Path, monkeypatch) -> None:
+    """`python jobs/record_result.py RUN_DIR OUT`, in this process."""
+    monkeypatch.setattr(sys, "argv", ["jobs/record_result.py", str(run_dir), str(out)])
+    runpy.run_path(str(REPO / "jobs/record_result.py"), run_name="__main__")
 
 
 @pytest.mark.slow
-def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(uninterrupted, beton_dir, tmp_path):
+def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(small_reference, beton_dir, tmp_path,
+                                                                           monkeypatch):
     """train.eval_every=2 over 3 epochs: epoch 2 and the last are evaluated and checkpointed, epoch 1
     only logged; a pause after epoch 1 still saves last.pt, and training is the same as evaluating
     every epoch (evaluation changes no weight and draws no random number)."""
@@ -137,8 +150,8 @@ def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(unin
     assert again.returncode == 0, again.stderr
     rows = metrics(run_dir)
     assert [("test_acc" in m) for m in rows] == [False, True, True]
-    assert_same_weights(run_dir, uninterrupted)
-    every = metrics(uninterrupted)
+    assert_same_weights(run_dir, small_reference)
+    every = metrics(small_reference)
     assert [m["test_acc"] for m in rows[1:]] == [m["test_acc"] for m in every[1:]]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_test_acc"] == max(m["test_acc"] for m in rows[1:]) and summary["best_epoch"] in (2, 3)
@@ -150,9 +163,7 @@ def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(unin
     (tmp_path / "report/resnet9_tiny").symlink_to(run_dir)
     report = make_report(tmp_path / "report", deploy=False, use_ensemble=False, wandb_mode="disabled", out=print)
     assert report.rows[0]["status"] == "finished" and len(list((tmp_path / "report/plots").glob("*.png"))) == 3
-    recorded = subprocess.run([sys.executable, "jobs/record_result.py", str(run_dir), str(tmp_path / "recorded")],
-                              cwd=REPO, capture_output=True, text=True)
-    assert recorded.returncode == 0, recorded.stderr
+    record_result(run_dir, tmp_path / "recorded", monkeypatch)
     assert f"| 1 | {rows[0]['train_acc']:.2f} | - |" in (tmp_path / "recorded/README.md").read_text()
 
     # Resumed with a config that ends the run at once (train.epochs lowered to the paused epoch): the
@@ -169,29 +180,29 @@ def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(unin
 
 
 @pytest.mark.slow
-def test_truncated_last_checkpoint_falls_back_to_previous(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    assert trainer(*small(beton_dir, "train.epochs=2"), "--run-dir", str(run_dir), "--stop-after-epoch", "2").returncode == 0
+def test_truncated_last_checkpoint_falls_back_to_previous_and_resumes_exactly(small_reference, paused_after_2,
+                                                                               tmp_path):
+    run_dir = copy_of(paused_after_2, tmp_path)
     last = run_dir / "checkpoints/last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     r = trainer("--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr
     assert "last.pt is unreadable" in r.stderr
     assert "from epoch 2, step 0" in r.stdout  # prev.pt: the state after epoch 1
-    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 3
+    assert_same_weights(run_dir, small_reference)  # epoch 2 trained again, onto the same weights
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    assert trainer(*small(beton_dir), "--run-dir", str(run_dir), "--stop-after-epoch", "1").returncode == 0
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(paused_after_2, tmp_path):
+    run_dir = copy_of(paused_after_2, tmp_path)
     best_before = (run_dir / "checkpoints/best.pt").read_bytes()
-    r = trainer("--run-dir", str(run_dir), "optim.lr=1e6")  # an absurd learning rate from epoch 2 on
+    r = trainer("--run-dir", str(run_dir), "optim.lr=1e6")  # an absurd learning rate from epoch 3 on
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: non-finite training loss at epoch 2, step "), r.stderr
+    assert lines[-1].startswith("error: non-finite training loss at epoch 3, step "), r.stderr
     assert (run_dir / "checkpoints/best.pt").read_bytes() == best_before
-    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 2
     assert not (run_dir / "summary.json").exists()
 
 
@@ -212,18 +223,9 @@ def test_bad_input_is_one_error_line(args, fragment, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_with_offline_wandb(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    args = small(beton_dir, "train.epochs=2", "data.flip=true", "data.translate=2", "logging.mode=offline")
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer", *args,
-         "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        # Strict collectives: every tensor the trainer all-reduces or broadcasts (the EMA's too) was
-        # made on the training device, as NCCL will demand (trainer/training/collectives.py).
-        env={**os.environ, "WANDB_API_KEY": FAKE_KEY, "TRAINER_STRICT_COLLECTIVES": "1"},
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_two_process_gloo_ddp_with_offline_wandb(two_rank_run):
+    # conftest.two_rank_run: paused mid-epoch 2 by a signal to rank 1, then resumed to the end.
+    run_dir, r = two_rank_run.run_dir, two_rank_run.resumed
     # data.batch_size=100 is the global batch: 50 a rank, the 30 steps an epoch one process takes.
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["global_step"] == 2 * 3000 // 100
     rows = metrics(run_dir)
@@ -231,14 +233,17 @@ def test_two_process_gloo_ddp_with_offline_wandb(beton_dir, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_FIELDS <= summary.keys()
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
-    assert r.stdout.count("epoch   1 ") == 1  # only rank 0 logs
+    assert two_rank_run.paused.stdout.count("epoch   1 ") == 1  # only rank 0 logs
+    assert "from epoch 2, step 11" in r.stdout and r.stdout.count("epoch   2 ") == 1
 
-    # The offline W&B run holds the logged test accuracies and the config.
-    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_records(wandb_file)
-    logged = [row["test/acc"] for row in history(records) if "test/acc" in row]
+    # The offline W&B run (one run in two segments, before and after the pause) holds the logged
+    # test accuracies and the config.
+    wandb_files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 2 and len({p.parent.name.rsplit("-", 1)[-1] for p in wandb_files}) == 1
+    records = [read_records(p) for p in wandb_files]
+    logged = [row["test/acc"] for segment in records for row in history(segment) if "test/acc" in row]
     assert logged == pytest.approx([m["test_acc"] for m in rows])
-    cfg = wandb_config(records)
+    cfg = wandb_config(records[0])
     assert cfg["arch"] == "resnet9_tiny" and cfg["optim"]["label_smoothing"] == 0.2
     assert "wandb sync" in r.stdout
 
@@ -300,18 +305,27 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert resolve_wandb_mode("offline") == "offline"
 
 
-@pytest.mark.slow
-def test_time_budget_stops_after_the_epoch_that_passes_it_with_a_summary(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    r = trainer(*small(beton_dir, "train.epochs=3", "train.time_budget_s=0.001"), "--run-dir", str(run_dir))
-    assert r.returncode == 0, r.stderr
-    assert "time budget reached" in r.stdout and "stopping after epoch 1 of 3" in r.stdout
-    assert [m["epoch"] for m in metrics(run_dir)] == [1]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs_run"] == 1 and summary["stopped_early"] is True
-    assert summary["wall_time_s"] >= 0.001
-    bad = trainer("--config", str(TINY), "--run-dir", str(tmp_path / "bad"), "train.time_budget_s=-1")
-    assert bad.returncode == 1 and "time_budget_s: must not be negative" in bad.stderr
+def test_time_budget_s_is_gone_but_old_run_folders_still_load(tmp_path):
+    # train.time_budget_s cut a run off after the epoch that passed it; train.budget_s fits the
+    # schedule to the time instead, and two stop mechanisms were one too many. A run folder written
+    # before holds `time_budget_s: 0.0` in its config.yaml and still loads (and resumes); asking
+    # for the cut-off is one error naming its replacement and where the value came from.
+    from trainer.config import ConfigError, load_config, to_yaml
+
+    cfg = load_config(TINY)
+    old = tmp_path / "config.yaml"
+    old.write_text(to_yaml(cfg).replace("train:\n", "train:\n  time_budget_s: 0.0\n", 1))
+    assert "time_budget_s: 0.0" in old.read_text()
+    assert load_config(old) == cfg
+    assert load_config(old, ["train.time_budget_s=0"]) == cfg
+    replacement = "train.time_budget_s: removed; use train.budget_s=N"
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["train.time_budget_s=60"])
+    assert str(info.value).startswith(f"override 'train.time_budget_s=60': {replacement}"), info.value
+    old.write_text(old.read_text().replace("time_budget_s: 0.0", "time_budget_s: 30"))
+    with pytest.raises(ConfigError) as info:
+        load_config(old)
+    assert str(info.value).startswith(f"{old}: {replacement}") and "\n" not in str(info.value), info.value
 
 
 # ---- the parts of trainer/training/, without data or training --------------------------------
@@ -345,13 +359,13 @@ def test_checkpoint_round_trip_restores_progress_state_and_rng(tmp_path):
     progress = Progress(epoch=2, epoch_step=5, global_step=25, best=Best(41.5, 2, 50.0, 3.0), bad_epochs=1,
                         elapsed_s=7.5, last_test_acc=40.0, wandb_run_id="abc123")
     sums = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    checkpoint.save_last(tmp_path, saved, progress, sums, group, cfg)
+    checkpoint.Checkpointer(tmp_path, saved, group, cfg).save_last(progress, sums)
     expected_draw = torch.rand(3)
 
     state = torch.load(tmp_path / "last.pt", weights_only=True)  # plain values and tensors only
     assert (state["epoch"], state["epoch_step"], state["arch"]) == (2, 5, cfg.model.arch)
     restored, restored_sums = parts(1), torch.zeros(3, dtype=torch.float64)
-    assert checkpoint.resume(tmp_path, restored, restored_sums, group, cfg) == progress
+    assert checkpoint.Checkpointer(tmp_path, restored, group, cfg).resume(restored_sums) == progress
     assert torch.equal(torch.rand(3), expected_draw)  # the generators continue where they were saved
     assert torch.equal(restored_sums, sums)
     for key, value in saved["model"].state_dict().items():
@@ -363,7 +377,7 @@ def test_checkpoint_round_trip_restores_progress_state_and_rng(tmp_path):
 
     other = load_config(TINY, ["model.arch=resnet9"])
     with pytest.raises(UserError, match="holds a 'resnet9_tiny' run, not 'resnet9'"):
-        checkpoint.resume(tmp_path, parts(1), torch.zeros(3, dtype=torch.float64), group, other)
+        checkpoint.Checkpointer(tmp_path, parts(1), group, other).resume(torch.zeros(3, dtype=torch.float64))
 
 
 def test_schedules_warm_up_linearly_then_decay_to_zero():

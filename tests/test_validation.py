@@ -3,10 +3,7 @@ trainer that selects its best epoch, best.pt and early stopping on it while only
 
 import hashlib
 import json
-import os
 import pickle
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, write_synthetic_cifar10
+from conftest import SMALL_RUN, write_synthetic_cifar10
+from helpers import SMALL, one_error_line, run_main
 from wandb_records import history, read_records
 
 from trainer.config import DataConfig
@@ -25,16 +23,10 @@ from trainer.data.common import train_val_indices, validation_split
 from trainer.data.resident import read_beton
 from trainer.distributed import Dist
 
-TINY = REPO / "tests/configs/small.yaml"
 CPU = torch.device("cpu")
 # Seconds-long runs: 1,000 training images (10 steps an epoch) learn gradually enough that the
 # validation accuracy still rises after epoch 1.
 VAL_RUN = [*SMALL_RUN, "data.train_subset=1000", "data.test_subset=200", "data.val_split=200"]
-
-
-def trainer(*args: str, env: dict | None = None, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *launcher, "-m", "trainer", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -44,11 +36,6 @@ def metrics(run_dir: Path) -> list[dict]:
 def first_argmax(values: list[float]) -> int:
     """The epoch (1-based) of the first maximum: ties keep the earlier epoch, as the trainer does."""
     return int(np.argmax(values)) + 1
-
-
-def one_error_line(r: subprocess.CompletedProcess, fragment: str) -> None:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
 
 
 # ---- the split and its loaders --------------------------------------------------------------------
@@ -122,14 +109,13 @@ def test_bad_values_are_refused_with_the_key(override, fragment):
     from trainer.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, [override])
+        load_config(SMALL, [override])
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.slow
 def test_a_split_that_leaves_nothing_to_train_on_is_one_error_line(beton_dir, tmp_path):
     # 500 of each class is every training image of the test data.
-    r = trainer("--config", str(TINY), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}",
+    r = run_main("trainer", "--config", str(SMALL), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}",
                 "data.val_split=5000")
     one_error_line(r, "data.val_split=5000 holds out 500 images of each class, but the training set has 500 of "
                       "class 0, which would leave none to train on; use a smaller data.val_split")
@@ -157,13 +143,13 @@ def disagreeing_beton(tmp_path_factory) -> Path:
 
 
 def val_args(data: Path, *extra: str) -> list[str]:
-    return ["--config", str(TINY), f"data.dir={data}", *VAL_RUN, *extra]
+    return ["--config", str(SMALL), f"data.dir={data}", *VAL_RUN, *extra]
 
 
 @pytest.fixture(scope="module")
 def val_run(disagreeing_beton, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("val") / "run"
-    r = trainer(*val_args(disagreeing_beton, "logging.mode=offline"), "--run-dir", str(run_dir))
+    r = run_main("trainer", *val_args(disagreeing_beton, "logging.mode=offline"), "--run-dir", str(run_dir))
     assert r.returncode == 0, r.stderr
     (run_dir / "stdout.txt").write_text(r.stdout)
     return run_dir
@@ -199,12 +185,12 @@ def test_best_epoch_is_chosen_on_validation_and_the_test_set_only_reported(val_r
 @pytest.mark.slow
 def test_resume_keeps_the_split_and_the_selection_exact(val_run, disagreeing_beton, tmp_path):
     run_dir = tmp_path / "run"
-    first = trainer(*val_args(disagreeing_beton), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
+    first = run_main("trainer", *val_args(disagreeing_beton), "--run-dir", str(run_dir), "--stop-after-epoch", "2")
     assert first.returncode == 0, first.stderr
     # The best epoch so far was chosen on this split: resuming with another one is refused.
-    other = trainer("--run-dir", str(run_dir), "data.val_seed=1")
+    other = run_main("trainer", "--run-dir", str(run_dir), "data.val_seed=1")
     one_error_line(other, "the run was started with data.val_split=200 data.val_seed=0, not 200 and 1")
-    again = trainer("--run-dir", str(run_dir))
+    again = run_main("trainer", "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr
     assert "from epoch 3, step 0" in again.stdout
     keys = ("epoch", "val_acc", "val_loss", "test_acc", "test_loss", "train_loss")
@@ -219,17 +205,16 @@ def test_resume_keeps_the_split_and_the_selection_exact(val_run, disagreeing_bet
 
 
 @pytest.mark.slow
-def test_two_processes_evaluate_each_validation_image_once(beton_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    r = trainer(*val_args(beton_dir, "train.epochs=1", "data.val_split=250"), "--run-dir", str(run_dir),
-                launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
-                env={"TRAINER_STRICT_COLLECTIVES": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    (row,) = metrics(run_dir)
-    assert row["val_images"] == 250  # 125 a rank, summed: not 2 x 250
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_two_processes_evaluate_each_validation_image_once(two_rank_run):
+    # The session's 2-rank gloo run (conftest.two_rank_run: data.val_split=250, strict collectives),
+    # paused and resumed: every epoch's validation still counts each held-out image once.
+    rows = metrics(two_rank_run.run_dir)
+    assert [m["epoch"] for m in rows] == [1, 2]
+    assert all(m["val_images"] == 250 for m in rows)  # 125 a rank, summed: not 2 x 250
+    summary = json.loads((two_rank_run.run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["selected_by"] == "val"
-    assert summary["val_acc"] == row["val_acc"]
+    assert summary["val_acc"] == max(m["val_acc"] for m in rows)
+    assert summary["data"]["val_split"]["images"] == 250
 
 
 def test_old_checkpoints_load_with_the_selection_they_made():

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
+from helpers import run_main
 from wandb_records import history, read_records
 
 
@@ -43,12 +41,10 @@ def test_report_run_has_interactive_charts_and_one_command_syncs_the_sweep(train
 
     sweep = tmp_path / "sweep"
     shutil.copytree(trained_tiny_run, sweep / "resnet9_tiny")
-    # as a user runs it: the process, and W&B's writing for it, has ended when the records are read
-    done = subprocess.run([sys.executable, str(REPO / "jobs/report.py"), str(sweep), "--no-deploy", "--no-ensemble",
-                           "--wandb-mode", "offline"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_main("jobs/report.py", str(sweep), "--no-deploy", "--no-ensemble", "--wandb-mode", "offline")
     assert done.returncode == 0 and "W&B: report run" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     # wandb's service process writes the run file; on a loaded machine its last records can land a
-    # moment after finish() has returned in this process
+    # moment after finish() has returned
     deadline = time.monotonic() + 60
     while not (rows := [h for h in history(records_of(sweep)) if "comparison/_type" in h]):
         assert time.monotonic() < deadline, "the report run's table never reached its .wandb file"

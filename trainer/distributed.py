@@ -3,7 +3,8 @@
 The trainer runs as one plain process, as the N workers of `torchrun` (which sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT), or as the N tasks `srun` starts inside a SLURM job (which set
 SLURM_PROCID, SLURM_NTASKS...; submitit's TorchDistributedEnvironment turns them into the torch
-variables). CUDA processes use NCCL on their local GPU; CPU processes use gloo.
+variables). CUDA processes use NCCL on their local GPU; CPU processes use gloo. The collectives
+made in the group are trainer/training/collectives.py's.
 """
 
 from __future__ import annotations
@@ -185,16 +186,6 @@ def describe_collective_failure(e: BaseException, rank: int, timeout_s: float) -
                     f"failed or was killed, or the network between hosts broke (train.dist_timeout_s={timeout_s:g})")
 
 
-def hosts(group: Dist) -> list[str]:
-    """The distinct host names the ranks run on, sorted (a collective: every rank calls it)."""
-    names = [socket.gethostname()]
-    if group.enabled:
-        gathered: list[str | None] = [None] * group.world_size
-        dist.all_gather_object(gathered, names[0])
-        names = [n for n in gathered if n is not None]
-    return sorted(set(names))
-
-
 def teardown(failed: bool = False) -> None:
     """Destroys the process group; callers drop their DDP wrapper (`del`) before calling.
 
@@ -209,15 +200,3 @@ def teardown(failed: bool = False) -> None:
         if not failed:
             dist.barrier()
         dist.destroy_process_group()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t

@@ -1,8 +1,9 @@
 """CIFAR-10 data: the conversion to FFCV .beton files (cifar10) and the two training loaders —
-ffcv_loader (ffcv pipelines) and resident (the whole set kept on the device) — which offer the
-same interface (common.BatchLoader) and are chosen by `data.loader`. The resident loader also reads
-the official batch files directly (`data.format: python`); ffcv is imported only where a .beton is
-read or written, so that path runs where ffcv does not import."""
+ffcv_loader (ffcv pipelines) and resident (the whole set kept on the device, augmented there by
+augment's index arithmetic) — which offer the same interface (common.BatchLoader) and are chosen by
+`data.loader`. The resident loader also reads the official batch files directly (`data.format:
+python`); ffcv is imported only where a .beton is read or written, so that path runs where ffcv
+does not import."""
 
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def prepare(out: Path, source: Path | None = None, force: bool = False, workers:
     return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="convert CIFAR-10 to FFCV .beton files")
@@ -266,5 +266,5 @@ def main() -> None:
                    help=f"a local cifar-10-batches-py folder (default: ${SOURCE_ENV} if set, else download)")
     p.add_argument("--force", action="store_true", help="convert even if the outputs are current")
     p.add_argument("--workers", type=int, default=2, help="ffcv writer processes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cli.run(lambda: prepare(args.out, args.source, args.force, args.workers) and None)

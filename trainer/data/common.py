@@ -33,6 +33,7 @@ class BatchLoader(Protocol):
     """
 
     num_samples: int  # images this rank sees per epoch
+    batch_size: int  # this process's batch: data.batch_size / the world size (per_process_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -154,15 +155,15 @@ def check_data_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def per_process_batch(batch_size: int, world: int) -> int:
-    """Each process's share of the global batch `data.batch_size`."""
+    """Each process's share of the global batch `data.batch_size`: the one place it is split; every
+    loader exposes the result as its `batch_size`."""
     if batch_size % world:
         raise UserError(f"data.batch_size={batch_size} (the global batch) does not divide among {world} processes; "
                         f"use a multiple of {world}")
     return batch_size // world
 
 
-def check_batch_size(batch_size: int, world: int, n_train: int) -> int:
-    """The per-process batch of the global `batch_size`; refuses one that would leave no full step."""
+def check_train_batch(batch_size: int, n_train: int) -> None:
+    """Refuses a global batch that would leave no full training step."""
     if batch_size > n_train:
         raise UserError(f"data.batch_size={batch_size} exceeds the {n_train} training images")
-    return per_process_batch(batch_size, world)

@@ -22,9 +22,8 @@ from trainer.config import DataConfig
 from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_batch_size, check_data_dir, default_threads, held_out, per_process_batch,
-    shard_indices,
-    train_val_indices,
+    DTYPES, MEAN_PIXEL, check_data_dir, check_train_batch, default_threads, held_out, per_process_batch,
+    shard_indices, train_val_indices,
 )
 from trainer.distributed import Dist
 
@@ -37,10 +36,11 @@ class FFCVLoader:
     left alone, the model would then run with as many threads as the loader decodes with.
     """
 
-    def __init__(self, loader, threads: int, num_samples: int):
+    def __init__(self, loader, threads: int, num_samples: int, batch_size: int):
         self.loader = loader
         self.threads = threads
         self.num_samples = num_samples  # images this rank sees per epoch
+        self.batch_size = batch_size  # this process's batch (the last of a test epoch may be shorter)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -159,7 +159,8 @@ def build_ffcv_loaders(
 
     train_indices, _ = train_val_indices(check_beton(data_dir / "train.beton"), cfg)
     n_train = len(train_indices)
-    batch = check_batch_size(cfg.batch_size, world, n_train)  # per process: data.batch_size is the global batch
+    check_train_batch(cfg.batch_size, n_train)
+    batch = per_process_batch(cfg.batch_size, world)  # data.batch_size is the global batch
     train = Loader(
         str(data_dir / "train.beton"),
         batch_size=batch,
@@ -182,7 +183,7 @@ def build_ffcv_loaders(
     # Importing ffcv and building loaders reset torch's thread count.
     torch.set_num_threads(threads)
     train_per_rank = (n_train // world // batch) * batch
-    return FFCVLoader(train, threads, train_per_rank), FFCVLoader(test, threads, len(shard))
+    return FFCVLoader(train, threads, train_per_rank, batch), FFCVLoader(test, threads, len(shard), batch)
 
 
 def build_ffcv_val_loader(cfg: DataConfig, group: Dist, threads: int | None = None) -> FFCVLoader:
@@ -194,4 +195,4 @@ def build_ffcv_val_loader(cfg: DataConfig, group: Dist, threads: int | None = No
     batch = per_process_batch(cfg.batch_size, group.world_size)
     loader = _eval_loader(data_dir / "train.beton", shard, cfg, batch, group.device)
     torch.set_num_threads(threads)
-    return FFCVLoader(loader, threads, len(shard))
+    return FFCVLoader(loader, threads, len(shard), batch)

@@ -1,7 +1,8 @@
 """The cluster settings: where and how big each job of a sweep is (the --cluster YAML, -C and --nodes).
 
-The schema is strict like the trainer's config (an unknown key, a wrong type or a bad value is one
-line naming it); slurm/example-cluster.yaml documents every key.
+The schema is read by the strict loader the trainer's config uses (trainer/strict_yaml.py: an
+unknown key, a wrong type or a bad value is one line naming it); slurm/example-cluster.yaml
+documents every key.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import ConfigError, load_dataclass, parse_override, parse_yaml
+from trainer.strict_yaml import ConfigError, load_dataclass, parse_override, parse_yaml
 
 
 @dataclass

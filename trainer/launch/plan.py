@@ -14,12 +14,13 @@ from datetime import datetime
 from pathlib import Path
 
 from trainer import UserError, models, run_files, sweep_file
-from trainer.config import ConfigError, load_config, parse_yaml
+from trainer.config import load_config
 from trainer.data.checks import verify, verify_python
 from trainer.launch.cluster import ClusterConfig, load_cluster
 from trainer.launch.grid import CONFIRM_ABOVE, expand_grid, name_width, plan_jobs
 from trainer.launch.job import ACTIVE_STATES, TrainJob, job_handle
 from trainer.provenance import git_sha
+from trainer.strict_yaml import ConfigError, parse_yaml
 from trainer.sweep_file import Job, SweepFileError, SweepRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -139,7 +140,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     # seeds of an architecture and point differ in train.seed only: their first stands for them).
     for job in [j for j in runs if j.seed in (None, 0)]:
         arch = job.arch
-        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, *job.overrides])
+        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, *job.overrides],
+                          archs=models.names())
         ensure_data(cfg.data.dir, cfg.data.format)  # damaged or foreign data fails here, before anything is queued
     return Plan(sweep, Path(args.runs) / sweep, archs, overrides, cluster, executor, args.profile, runs)
 

@@ -5,6 +5,8 @@ Exits 1 if a network's parameter count has drifted outside +-5% of its target.
 
 from __future__ import annotations
 
+import argparse
+
 from trainer.models import REGISTRY
 from trainer.models.flops import count_params, forward_flops
 
@@ -15,7 +17,8 @@ def within_target(params: int, target_millions: float) -> bool:
     return abs(params / 1e6 - target_millions) <= TOLERANCE * target_millions
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m trainer.models", description=__doc__.split("\n\n")[0]).parse_args(argv)
     header = (
         f"{'name':<16} {'params':>11} {'params (M)':>10} {'GFLOPs (2 per MAC)':>18} "
         f"{'target (M)':>10} {'+-5%':>5}  seed row"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer import UserError, sweep_file
+from trainer import UserError, models, sweep_file
 from trainer.config import Config, load_config
 from trainer.models import options as model_options
 from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
@@ -105,7 +105,7 @@ def read_run(name: str, run_dir: Path) -> Run:
         return Run(name, run_dir, "not started", "not started")
     config, problem = None, None
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, archs=models.names())
     except UserError as e:  # missing, or written by an older version of the code
         problem = f"{config_path}: unreadable ({e})"
     metrics, metrics_problem = _read_metrics(run_dir / METRICS)

@@ -1,55 +1,35 @@
 """train.budget_s: a plan of training steps fitted to a wall-time budget.
 
 The budget counts the clock of progress.elapsed_s (and summary.json's wall_time_s): training,
-evaluating, checkpointing and compiling. Nothing of that is known before the run, so the first steps
-measure it (Calibration), on the real network, data and ranks, and `fit_steps` then chooses the
-total number of steps so that the rest of the run (its steps, an evaluation and a checkpoint at
-each epoch end that train.eval_every evaluates and at the plan's end, and a margin) ends inside the
-budget. The plan is in steps,
-not epochs: a network whose one epoch is longer than the budget trains part of an epoch, which is
-then evaluated as an epoch of its own. It is fitted once, from all-reduced numbers (the same on
-every rank), and kept in the checkpoint, so a resumed run follows it instead of measuring again.
+evaluating and compiling. Saving a checkpoint falls between two epochs' clocks (last.pt records the
+clock before its own save), but the plan leaves room for it all the same. Nothing of that is known
+before the run, so the first steps measure it (Calibration), on the real network, data and ranks,
+and `fit_steps` then chooses the total number of steps so that the rest of the run (its steps, an
+evaluation and a checkpoint at each epoch end that train.eval_every evaluates and at the plan's
+end, and a margin) ends inside the budget. The plan is in steps, not epochs: a network whose one
+epoch is longer than the budget trains part of an epoch, which is then evaluated as an epoch of its
+own. It is fitted once, from all-reduced numbers (the same on every rank), and kept in the
+checkpoint, so a resumed run follows it instead of measuring again. BudgetController runs all of
+that for the trainer, which calls it after each step until the fit.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainer.training.collectives import all_reduce_max
+from trainer.training.progress import Plan, Progress  # Plan: the progress holds it; named here too
+
+if TYPE_CHECKING:
+    from trainer.logger import NullLogger
 
 SKIP_STEPS = 3  # not timed: the first step compiles, the next ones still autotune (cuDNN) and fill caches
 MIN_WINDOW, MAX_WINDOW = 3, 200  # steps timed for the fit
-
-
-@dataclass(frozen=True)
-class Plan:
-    budget_s: float
-    calibrated_at: int  # the global step at which the plan was fitted
-    step_s: float  # one training step, on the slowest rank
-    eval_s: float  # one evaluation (test set, and validation set if any), on the slowest rank
-    checkpoint_s: float  # one checkpoint (last.pt's state and best.pt's weights serialised)
-    margin_s: float
-    total_steps: int  # the plan: training ends after this many steps, the schedule reaches zero there
-    epochs: float  # total_steps in epochs
-    images_per_s: float  # global images per second while training (steps only)
-
-    def record(self, elapsed_s: float) -> dict[str, Any]:
-        """summary.json's `budget`: the plan, and how the run used the budget."""
-        return {"budget_s": self.budget_s, "fitted_steps": self.total_steps, "fitted_epochs": self.epochs,
-                "images_per_s": self.images_per_s, "calibrated_at_step": self.calibrated_at, "step_s": self.step_s,
-                "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s, "margin_s": self.margin_s,
-                "used_s": elapsed_s, "within_budget": elapsed_s <= self.budget_s}
-
-    def describe(self) -> str:
-        return (f"budget plan: {self.total_steps} steps ({self.epochs:.2f} epochs) in train.budget_s={self.budget_s:g}"
-                f" (fitted at step {self.calibrated_at}: {self.step_s * 1000:.1f} ms/step, "
-                f"{self.images_per_s:,.0f} img/s, evaluation {self.eval_s:.1f} s, checkpoint {self.checkpoint_s:.2f} s, "
-                f"margin {self.margin_s:.1f} s)")
 
 
 def margin_s(budget_s: float, step_s: float) -> float:
@@ -150,3 +130,78 @@ class Calibration:
             self.steps, self.since = 0, self._now()
             return "probe", step_s, slowest_elapsed
         return "window", step_s, slowest_elapsed
+
+
+class BudgetController:
+    """train.budget_s for one run, from its first step to the fitted plan: it times the steps
+    (Calibration), sets the schedule from the probe's first estimate, then measures what the plan
+    must leave room for, fits it (progress.plan) and sets the schedule to it.
+
+    What only the trainer can do comes as callables: `elapsed_s`, the run's clock now (as
+    progress.elapsed_s counts it); `eval_cost_s` and `checkpoint_cost_s`, one evaluation's and one
+    checkpoint's cost on this rank (collectives, and the network left in training mode); and
+    `set_schedule(total_steps)`, the learning-rate schedule ending there.
+    """
+
+    def __init__(self, budget_s: float, steps_per_epoch: int, max_steps: int, eval_every: int, global_batch: int,
+                 device: torch.device, *, elapsed_s: Callable[[], float], eval_cost_s: Callable[[], float],
+                 checkpoint_cost_s: Callable[[], float], set_schedule: Callable[[int], None]) -> None:
+        self.budget_s, self.steps_per_epoch, self.max_steps = budget_s, steps_per_epoch, max_steps
+        self.eval_every, self.global_batch, self.device = eval_every, global_batch, device
+        self.elapsed_s, self.eval_cost_s, self.checkpoint_cost_s = elapsed_s, eval_cost_s, checkpoint_cost_s
+        self.set_schedule = set_schedule
+        self.calibration: Calibration | None = Calibration(budget_s, steps_per_epoch, device)
+
+    @property
+    def calibrating(self) -> bool:
+        """Until the plan is fitted."""
+        return self.calibration is not None
+
+    def restart(self) -> None:
+        """An epoch starts: the time between epochs is no step time."""
+        if self.calibration is not None:
+            self.calibration.restart()
+
+    def after_step(self, progress: Progress, logger: NullLogger) -> bool:
+        """Counts the step just trained; at the end of a timed window sets the schedule from the
+        probe's estimate, or fits the plan (collectives, at the same step on every rank). True when
+        it did: the time since the step was spent measuring, not training."""
+        if self.calibration is None:
+            return False
+        timed = self.calibration.after_step(self.elapsed_s())
+        if timed is None:
+            return False
+        stage, step_s, elapsed = timed
+        if stage == "probe":
+            # A first estimate from one step, without evaluations: the calibration's steps then run
+            # in a warmup close to the fitted plan's, not one of train.epochs (a jump to many times
+            # the learning rate at the fit).
+            left = int(max(0.0, self.budget_s - elapsed) / step_s) if step_s > 0 else self.max_steps
+            self.set_schedule(min(self.max_steps, progress.global_step + left))
+        else:
+            self._fit(progress, logger, step_s)
+            self.calibration = None
+        return True
+
+    def _fit(self, progress: Progress, logger: NullLogger, step_s: float) -> None:
+        eval_s = self.eval_cost_s()
+        checkpoint_s = self.checkpoint_cost_s()
+        # The slowest rank's numbers on every rank: each computes the same plan from them.
+        measured = torch.tensor([eval_s, checkpoint_s, self.elapsed_s()], dtype=torch.float64, device=self.device)
+        eval_s, checkpoint_s, elapsed = all_reduce_max(measured, self.device).tolist()
+        budget_s = self.budget_s
+        margin = margin_s(budget_s, step_s)
+        total = fit_steps(budget_s, elapsed, progress.global_step, progress.epoch, self.steps_per_epoch,
+                          self.max_steps, step_s, eval_s, checkpoint_s, margin, self.eval_every)
+        progress.plan = Plan(
+            budget_s=budget_s, calibrated_at=progress.global_step, step_s=step_s, eval_s=eval_s,
+            checkpoint_s=checkpoint_s, margin_s=margin, total_steps=total, epochs=total / self.steps_per_epoch,
+            images_per_s=self.global_batch / step_s if step_s > 0 else 0.0,
+        )
+        # The warmup now ends at a fifth of the plan at most; the calibration's steps ran in the
+        # probe's estimate of it, so the learning rate may jump a little here.
+        self.set_schedule(total)
+        logger.info(progress.plan.describe())
+        if total == progress.global_step:
+            logger.info(f"warning: {elapsed:.1f} s of train.budget_s={budget_s:g} were spent before the plan could "
+                        f"be fitted; training ends now")

@@ -9,15 +9,18 @@ validation split (data.val_split), else the best test accuracy.
 The training state: the state_dict of each stateful part (model, ema, optimizer, scheduler, scaler,
 lookahead), the progress (its fields at the top level, the budget plan among them), the partial
 epoch's sums, every rank's random number generators, the world size, the architecture and the config.
+A Checkpointer is given the run's parts by those names and saves and restores them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import random
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +29,12 @@ import numpy as np
 import torch
 
 from trainer import UserError
+from trainer.cli import naming
 from trainer.config import Config, ModelConfig, to_dict
 from trainer.distributed import Dist
 from trainer.files import atomic_path, remove_stale_temp_files
 from trainer.run_files import RESTART_HINT
+from trainer.training.collectives import all_gather_object
 from trainer.training.progress import Best, Progress
 
 if TYPE_CHECKING:
@@ -137,41 +142,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
 
 
-def _all_rng_states(group: Dist) -> list[dict[str, Any]]:
-    """Every rank's generators, in rank order (a collective)."""
-    if not group.enabled:
-        return [rng_state(group.device)]
-    states: list[Any] = [None] * group.world_size
-    torch.distributed.all_gather_object(states, rng_state(group.device))
-    return states
-
-
-def training_state(
-    parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor, group: Dist, cfg: Config,
-) -> dict[str, Any]:
-    """What last.pt holds. A collective (it gathers every rank's generators): every rank calls it."""
-    return {
-        **{name: part.state_dict() if part is not None else None for name, part in parts.items()},
-        **progress.to_dict(),
-        "train_sums": train_sums.cpu(),
-        "rng": _all_rng_states(group),
-        "world_size": group.world_size,
-        "arch": cfg.model.arch,
-        "config": to_dict(cfg),
-    }
-
-
-def save_last(
-    folder: Path, parts: Mapping[str, Stateful | None], progress: Progress, train_sums: torch.Tensor,
-    group: Dist, cfg: Config,
-) -> None:
-    """Writes the training state to last.pt, keeping the one it replaces as prev.pt. A collective
-    (it gathers every rank's generators): every rank calls it; rank 0 writes."""
-    state = training_state(parts, progress, train_sums, group, cfg)
-    if group.is_main:
-        save(state, folder / LAST, keep_previous=True)
-
-
 def _check_same_model(folder: Path, saved: Mapping[str, Any], cfg: Config) -> None:
     """The model options (whitening, GELU, output stride...) are the network the weights belong to:
     some would load into another layout without an error (GELU has no weights) and train on as
@@ -185,38 +155,6 @@ def _check_same_model(folder: Path, saved: Mapping[str, Any], cfg: Config) -> No
                         "use another --run-dir")
 
 
-def resume(
-    folder: Path, parts: Mapping[str, Stateful | None], train_sums: torch.Tensor, group: Dist, cfg: Config
-) -> Progress | None:
-    """Loads the newest readable training state in `folder` into `parts` and `train_sums` and this
-    rank's generators; returns its progress, or None if there is nothing to resume."""
-    state = load_latest(folder)
-    if state is None:
-        return None
-    if state["arch"] != cfg.model.arch:
-        raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
-    _check_same_split(folder, state["config"]["data"], cfg)
-    _check_same_model(folder, state["config"].get("model", {}), cfg)
-    for name, part in parts.items():
-        # e.g. an EMA or lookahead switched on when resuming starts afresh (absent: written before it existed)
-        if part is not None and state.get(name) is not None:
-            try:
-                part.load_state_dict(state[name])
-            except (RuntimeError, ValueError, KeyError) as e:
-                # The layout the config builds (model.* options, optim.bias_lr_mult's parameter
-                # groups) is not the one the run began with: torch's message spans many lines.
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise UserError(f"{folder}: its {name} state does not fit this config ({first}); the model options "
-                                "and optim.bias_lr_mult must stay as the run began; use another --run-dir") from None
-    train_sums.copy_(state["train_sums"])
-    progress = Progress.from_dict(state)
-    if state["world_size"] == group.world_size:
-        set_rng_state(state["rng"][group.rank], group.device)
-    else:  # a different number of ranks cannot replay the same random streams
-        torch.manual_seed(cfg.train.seed + 1 + group.rank + 1000 * progress.global_step)
-    return progress
-
-
 def _check_same_split(folder: Path, saved: dict, cfg: Config) -> None:
     """Refuses to resume with another validation split: the best epoch so far was selected on the
     saved one (or on the test set), and images it held out may already have been trained on."""
@@ -228,10 +166,83 @@ def _check_same_split(folder: Path, saved: dict, cfg: Config) -> None:
                         f"{now[0]} and {now[1]}; resume it with its own values, or use another --run-dir")
 
 
-def save_best(folder: Path, weights: dict[str, torch.Tensor], cfg: Config, best: Best) -> None:
-    """Writes best.pt: the weights to deploy (the EMA's when there is one), what they scored, and
-    what they were selected by (`val_acc` None: by the test accuracy, without a validation split)."""
-    state = {"model": weights, "arch": cfg.model.arch, "epoch": best.epoch, "test_acc": best.test_acc,
-             "val_acc": best.val_acc, "selected_by": "val" if best.val_acc is not None else "test",
-             "config": to_dict(cfg)}
-    save(state, folder / BEST)
+class Checkpointer:
+    """The run's checkpoints in `folder`: it owns the state saved and restored. `parts` are the run's
+    stateful parts (each with state_dict and load_state_dict; None where this run has none) under the
+    names last.pt keeps them by: model, ema, optimizer, scheduler, scaler, lookahead. The progress
+    and the partial epoch's sums are the trainer's, passed at each save."""
+
+    def __init__(self, folder: Path, parts: Mapping[str, Stateful | None], group: Dist, cfg: Config) -> None:
+        self.folder, self.parts, self.group, self.cfg = folder, dict(parts), group, cfg
+
+    def training_state(self, progress: Progress, train_sums: torch.Tensor) -> dict[str, Any]:
+        """What last.pt holds. A collective (it gathers every rank's generators): every rank calls it."""
+        return {
+            **{name: part.state_dict() if part is not None else None for name, part in self.parts.items()},
+            **progress.to_dict(),
+            "train_sums": train_sums.cpu(),
+            "rng": all_gather_object(rng_state(self.group.device), self.group),
+            "world_size": self.group.world_size,
+            "arch": self.cfg.model.arch,
+            "config": to_dict(self.cfg),
+        }
+
+    def save_last(self, progress: Progress, train_sums: torch.Tensor) -> None:
+        """Writes the training state to last.pt, keeping the one it replaces as prev.pt. A collective
+        (it gathers every rank's generators): every rank calls it; rank 0 writes."""
+        state = self.training_state(progress, train_sums)
+        if self.group.is_main:
+            with naming(self.folder / LAST):  # a full disk: say where
+                save(state, self.folder / LAST, keep_previous=True)
+
+    def save_best(self, weights: dict[str, torch.Tensor], best: Best) -> None:
+        """Writes best.pt (rank 0; the others have the same weights): the weights to deploy (the EMA's
+        when there is one), what they scored, and what they were selected by (`val_acc` None: by the
+        test accuracy, without a validation split)."""
+        if not self.group.is_main:
+            return
+        state = {"model": weights, "arch": self.cfg.model.arch, "epoch": best.epoch, "test_acc": best.test_acc,
+                 "val_acc": best.val_acc, "selected_by": "val" if best.val_acc is not None else "test",
+                 "config": to_dict(self.cfg)}
+        with naming(self.folder / BEST):
+            save(state, self.folder / BEST)
+
+    def cost_s(self, progress: Progress, train_sums: torch.Tensor, weights: dict[str, torch.Tensor]) -> float:
+        """One checkpoint's cost on this rank, for the budget: last.pt's state gathered and serialised
+        to memory, and best.pt's weights (an upper bound: best.pt is written only for a better epoch).
+        A collective, as save_last."""
+        start = time.perf_counter()
+        torch.save(self.training_state(progress, train_sums), io.BytesIO())
+        torch.save(weights, io.BytesIO())
+        return time.perf_counter() - start
+
+    def resume(self, train_sums: torch.Tensor) -> Progress | None:
+        """Loads the newest readable training state into the parts and `train_sums` and this rank's
+        generators; returns its progress, or None if there is nothing to resume."""
+        folder, cfg, group = self.folder, self.cfg, self.group
+        state = load_latest(folder)
+        if state is None:
+            return None
+        if state["arch"] != cfg.model.arch:
+            raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
+        _check_same_split(folder, state["config"]["data"], cfg)
+        _check_same_model(folder, state["config"].get("model", {}), cfg)
+        for name, part in self.parts.items():
+            # e.g. an EMA or lookahead switched on when resuming starts afresh (absent: written before it existed)
+            if part is not None and state.get(name) is not None:
+                try:
+                    part.load_state_dict(state[name])
+                except (RuntimeError, ValueError, KeyError) as e:
+                    # The layout the config builds (model.* options, optim.bias_lr_mult's parameter
+                    # groups) is not the one the run began with: torch's message spans many lines.
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(f"{folder}: its {name} state does not fit this config ({first}); the model "
+                                    "options and optim.bias_lr_mult must stay as the run began; use another "
+                                    "--run-dir") from None
+        train_sums.copy_(state["train_sums"])
+        progress = Progress.from_dict(state)
+        if state["world_size"] == group.world_size:
+            set_rng_state(state["rng"][group.rank], group.device)
+        else:  # a different number of ranks cannot replay the same random streams
+            torch.manual_seed(cfg.train.seed + 1 + group.rank + 1000 * progress.global_step)
+        return progress

@@ -1,5 +1,7 @@
-"""The collectives the trainer makes on its own tensors, with an optional strict check of where those
-tensors live (TRAINER_STRICT_COLLECTIVES=1, for tests).
+"""Every collective the trainer makes, in one place: on tensors (all_reduce_*, broadcast), with an
+optional strict check of where those tensors live (TRAINER_STRICT_COLLECTIVES=1, for tests), and on
+Python objects (broadcast_object, all_gather_object). Each is a no-op without a process group, so
+one process runs the same code. Joining and leaving the group is trainer/distributed.py's.
 
 NCCL accepts only tensors on the rank's GPU; gloo accepts CPU tensors too, so a tensor left on the
 CPU by mistake (a buffer created without `device=`) passes every CPU test and crashes the first
@@ -22,9 +24,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from trainer import distributed
+from trainer.distributed import Dist
 
 STRICT = os.environ.get("TRAINER_STRICT_COLLECTIVES") == "1"  # read here only
 
@@ -106,19 +109,49 @@ def check(tensors: list[torch.Tensor], device: torch.device, what: str) -> None:
             )
 
 
+def _all_reduce(t: torch.Tensor, device: torch.device, op: dist.ReduceOp.RedOpType, what: str) -> torch.Tensor:
+    check([t], device, what)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    check([t], device, "all_reduce_sum")
-    return distributed.all_reduce_sum(t)
+    """`t` summed over the ranks, in place (and returned)."""
+    return _all_reduce(t, device, dist.ReduceOp.SUM, "all_reduce_sum")
 
 
 def all_reduce_max(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    check([t], device, "all_reduce_max")
-    return distributed.all_reduce_max(t)
+    """`t`'s elementwise maximum over the ranks, in place (and returned)."""
+    return _all_reduce(t, device, dist.ReduceOp.MAX, "all_reduce_max")
+
+
+def all_reduce_min(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t`'s elementwise minimum over the ranks, in place (and returned)."""
+    return _all_reduce(t, device, dist.ReduceOp.MIN, "all_reduce_min")
 
 
 def broadcast(tensors: list[torch.Tensor], device: torch.device) -> None:
     """Rank 0's values of `tensors` on every rank."""
     check(tensors, device, "broadcast")
-    if torch.distributed.is_initialized():
+    if dist.is_initialized():
         for t in tensors:
-            torch.distributed.broadcast(t, src=0)
+            dist.broadcast(t, src=0)
+
+
+def broadcast_object(value: Any, group: Dist) -> Any:
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if not group.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(value: Any, group: Dist) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not group.enabled:
+        return [value]
+    values: list[Any] = [None] * group.world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -1,14 +1,21 @@
-"""Evaluation (test and validation sets) as the trainer does it, shared with the report's ensemble."""
+"""Evaluation (test and validation sets) as the trainer does it (Evaluator), shared with the report's ensemble."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+from contextlib import closing
+from itertools import islice
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.training.collectives import all_reduce_sum
+from trainer.distributed import Dist
+from trainer.training.collectives import all_reduce_sum, broadcast
+from trainer.training.ema import EMA
+from trainer.training.lookahead import Lookahead
 
 
 def tta_views(tta: bool, tta_translate: int) -> int:
@@ -110,3 +117,67 @@ def evaluate_counted(
     all_reduce_sum(sums, device)
     loss_sum, correct, count = sums.tolist()
     return loss_sum / count, 100.0 * correct / count, int(count)
+
+
+Evaluation = tuple[float, float, int]  # loss, accuracy (%), images counted
+
+
+class Evaluator:
+    """The trainer's evaluations: the test set's and, with data.val_split, the validation set's,
+    each rank its shard, every forward of `pad_to` images (evaluate_counted), with the run's TTA.
+    Which network to evaluate is the trainer's to say (the EMA's, the compiled model)."""
+
+    def __init__(self, test_loader: Any, val_loader: Any | None, tta: bool, tta_translate: int,
+                 amp_dtype: torch.dtype | None, pad_to: int, ffcv: bool) -> None:
+        self.test_loader, self.val_loader = test_loader, val_loader
+        self.tta, self.tta_translate, self.amp_dtype, self.pad_to = tta, tta_translate, amp_dtype, pad_to
+        self.ffcv = ffcv  # an ffcv loader compiles its pipeline on its first batch
+
+    @torch.no_grad()
+    def warm_up(self, net: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format,
+                device: torch.device) -> None:
+        """Runs `net` once on a dummy batch of the one shape evaluation uses (every batch is padded
+        to `pad_to` images): a compiled network's eval graph compiles on its first batch, and so
+        its time can be counted apart."""
+        x = torch.zeros(self.pad_to, 3, 32, 32, dtype=dtype, device=device)
+        net.eval()
+        predict(net, x.contiguous(memory_format=memory_format), self.tta, self.amp_dtype, self.tta_translate)
+
+    def _run(self, net: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Evaluation:
+        return evaluate_counted(net, loader, self.tta, self.amp_dtype, self.pad_to, self.tta_translate)
+
+    def test(self, net: nn.Module) -> Evaluation:
+        return self._run(net, self.test_loader)
+
+    def both(self, net: nn.Module) -> tuple[Evaluation | None, Evaluation]:
+        """The validation set's (None without one) and the test set's loss, accuracy and count."""
+        val = self._run(net, self.val_loader) if self.val_loader is not None else None
+        return val, self.test(net)
+
+    def cost_s(self, net: nn.Module) -> float:
+        """One evaluation's cost on this rank: a few test batches timed, scaled to the test and
+        validation sets' batches (each costs the same: they are padded to one size). With ffcv an
+        untimed batch first takes the compilation of the new loader's pipeline (7-12 s, once)."""
+        batches = sum(len(loader) for loader in (self.test_loader, self.val_loader) if loader is not None)
+        warm = 1 if self.ffcv and len(self.test_loader) > 1 else 0
+        timed = min(2, len(self.test_loader) - warm)
+        with closing(iter(self.test_loader)) as test_batches:
+            if warm:
+                self._run(net, islice(test_batches, warm))
+            start = time.perf_counter()
+            self._run(net, islice(test_batches, timed))  # ends with a host sync (the counts)
+            return (time.perf_counter() - start) / timed * batches
+
+
+def same_buffers_on_every_rank(model: nn.Module, ema: EMA | None, lookahead: Lookahead | None, group: Dist) -> None:
+    """Gives every rank rank 0's BatchNorm statistics (and EMA buffers) before an evaluation.
+
+    DDP broadcasts buffers at the start of each forward, but each rank then updates its own
+    running statistics from its own batch, so after the last step they differ slightly; the
+    ranks must evaluate, and end, with the same model. The lookahead's slow copies of the buffers
+    too: each rank lerps its own statistics into them, and a resumed run loads rank 0's on every
+    rank, so they must agree.
+    """
+    if group.enabled:
+        slow = [lookahead.slow[name] for name, _ in model.named_buffers() if name in lookahead.slow] if lookahead else []
+        broadcast([*model.buffers(), *(ema.buffers() if ema else []), *slow], group.device)

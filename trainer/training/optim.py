@@ -6,9 +6,12 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from trainer import UserError
+from trainer.config import OptimConfig
+from trainer.training import budget
 
 # airbench94's schedule (airbench94.py): the factor on the peak lr at the start, where the peak is
 # (a fraction of the total steps), and at the end; linear in between.
@@ -81,3 +84,35 @@ def _airbench(total_steps: int) -> Callable[[int], float]:
     # np.interp holds the end value past the last point: steps beyond the plan stay at 0.07.
     points, values = (0.0, AIRBENCH_PEAK_AT * total, total), (AIRBENCH_START, 1.0, AIRBENCH_END)
     return lambda step: float(np.interp(step, points, values))
+
+
+class Schedule:
+    """The run's learning rate per step: lr_lambda's shape ending at `total_steps` (the budget's
+    plan, else train.epochs), on each group's base lr (the biases' may be multiplied).
+
+    LambdaLR keeps the step count in its state_dict (the checkpoint's "scheduler") but no function,
+    so a resumed run sets its own end here too (set_total), and the config's learning rates apply
+    from the current step on: the config is the recipe, the checkpoint the progress."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, steps_per_epoch: int, total_steps: int,
+                 budgeted: bool) -> None:
+        self.optimizer, self.cfg, self.steps_per_epoch, self.budgeted = optimizer, optim_cfg, steps_per_epoch, budgeted
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._factor(total_steps))
+
+    def _factor(self, total_steps: int) -> Callable[[int], float]:
+        warmup = round(self.cfg.warmup_epochs * self.steps_per_epoch)
+        if self.budgeted:
+            warmup = budget.warmup_steps(self.cfg.warmup_epochs, self.steps_per_epoch, total_steps)
+        return lr_lambda(total_steps, warmup, self.cfg.schedule)
+
+    def set_total(self, total_steps: int) -> None:
+        """The schedule ending at `total_steps`, from the current step on."""
+        self.scheduler.lr_lambdas = [self._factor(total_steps)] * len(self.optimizer.param_groups)
+        self.apply_config_lr()
+
+    def apply_config_lr(self) -> None:
+        self.scheduler.base_lrs = list(self.base_lrs)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor

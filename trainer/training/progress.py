@@ -1,12 +1,45 @@
-"""What a run has done so far, as one record: checkpointed with every last.pt and restored whole."""
+"""What a run has done so far, as one record (Progress, with a budget's Plan): checkpointed with
+every last.pt and restored whole; the epoch's running figures on the device (EpochSums); and the
+compile time not yet counted in it (CompileClock)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from trainer.training.budget import Plan
+import torch
 
+from trainer.training.collectives import all_reduce_max, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A budget's plan (train.budget_s), fitted by budget.BudgetController and kept in the progress."""
+
+    budget_s: float
+    calibrated_at: int  # the global step at which the plan was fitted
+    step_s: float  # one training step, on the slowest rank
+    eval_s: float  # one evaluation (test set, and validation set if any), on the slowest rank
+    checkpoint_s: float  # one checkpoint (last.pt's state and best.pt's weights serialised)
+    margin_s: float
+    total_steps: int  # the plan: training ends after this many steps, the schedule reaches zero there
+    epochs: float  # total_steps in epochs
+    images_per_s: float  # global images per second while training (steps only)
+
+    def record(self, elapsed_s: float) -> dict[str, Any]:
+        """summary.json's `budget`: the plan, and how the run used the budget."""
+        return {"budget_s": self.budget_s, "fitted_steps": self.total_steps, "fitted_epochs": self.epochs,
+                "images_per_s": self.images_per_s, "calibrated_at_step": self.calibrated_at, "step_s": self.step_s,
+                "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s, "margin_s": self.margin_s,
+                "used_s": elapsed_s, "within_budget": elapsed_s <= self.budget_s}
+
+    def describe(self) -> str:
+        return (f"budget plan: {self.total_steps} steps ({self.epochs:.2f} epochs) in train.budget_s={self.budget_s:g}"
+                f" (fitted at step {self.calibrated_at}: {self.step_s * 1000:.1f} ms/step, "
+                f"{self.images_per_s:,.0f} img/s, evaluation {self.eval_s:.1f} s, checkpoint {self.checkpoint_s:.2f} s, "
+                f"margin {self.margin_s:.1f} s)")
 
 @dataclass(frozen=True)
 class Best:
@@ -32,7 +65,9 @@ class Progress:
     global_step: int = 0
     best: Best = field(default_factory=Best)
     bad_epochs: int = 0  # epochs since the best (selected) one
-    elapsed_s: float = 0.0  # training wall time over all segments of the run, compiling excluded
+    # Wall time over all segments of the run: training (compiling included, compile_s of it) and
+    # evaluating; what train.budget_s counts.
+    elapsed_s: float = 0.0
     compile_s: float = 0.0  # torch.compile's time over all segments (each process start compiles again)
     last_test_acc: float | None = None
     wandb_run_id: str | None = None  # so a resumed run goes on logging to the same W&B run
@@ -84,3 +119,71 @@ class Progress:
                   for f in fields(cls)}
         plan = Plan(**values["plan"]) if values["plan"] is not None else None
         return cls(**{**values, "best": Best(**best), "plan": plan})
+
+
+class EpochSums:
+    """The epoch's running figures, added up on the device after every step without a host sync:
+    its loss sum, correct answers and images (`train`, checkpointed with the progress, so that a
+    resumed epoch adds on), the loss sum and images since the last log (`window`), and the first
+    step whose loss was not finite (`first_bad`, -1: none). Reading them is a collective."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.train = torch.zeros(3, device=device, dtype=torch.float64)
+        self.window = torch.zeros(2, device=device, dtype=torch.float64)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def restart(self) -> None:
+        """An epoch (or this segment of one) starts: the window and the non-finite check start over."""
+        self.first_bad.fill_(-1)
+        self.window.zero_()
+
+    def add(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        """Adds a step's batch: its mean loss, logits and labels (class indices, or (B, 10)
+        probabilities: a mixed image counts as the class it shows most of)."""
+        loss = loss.detach().double()
+        n = y.shape[0]  # a Python int: it reaches the device as a kernel argument, not a copied tensor
+        count = torch.full_like(loss, n)
+        labels = y.argmax(1) if y.ndim == 2 else y
+        self.train += torch.stack([loss * n, (out.argmax(1) == labels).sum().double(), count])
+        self.window += torch.stack([loss * n, count])
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+
+    def totals(self) -> list[float]:
+        """The epoch's loss sum, correct answers and images over all ranks."""
+        return all_reduce_sum(self.train.clone(), self.device).tolist()
+
+    def window_loss(self) -> float:
+        """The mean loss since the last call, over all ranks; the window starts over."""
+        window = all_reduce_sum(self.window, self.device)
+        loss = (window[0] / window[1]).item()
+        window.zero_()
+        return loss
+
+    def first_bad_step(self) -> int | None:
+        """The epoch's first step (a global step) whose loss was not finite on any rank, if any."""
+        bad = int(all_reduce_max(self.first_bad.clone(), self.device).item())
+        return bad if bad >= 0 else None
+
+
+class CompileClock:
+    """This process's compile time: the first call of each compiled graph (one step or batch:
+    negligible beside compiling), timed, until the epoch's metrics take it into the progress. The
+    wall times and the budget include it (compiling is time the run spends, and must pay for itself
+    inside a budget); it is reported apart so that a warm cache or another machine can be told apart."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.pending_s = device, 0.0
+
+    def first_call(self, call: Callable[..., Any], *args: Any) -> None:
+        start = time.perf_counter()
+        call(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once per graph: the compile ends when the work does
+        self.pending_s += time.perf_counter() - start
+
+    def take(self, progress: Progress) -> float:
+        """The compile time since the last call, added to the progress's total."""
+        taken, self.pending_s = self.pending_s, 0.0
+        progress.compile_s += taken
+        return taken

@@ -22,158 +22,38 @@ over; --restart starts it over deliberately, keeping the old folder under anothe
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
-import socket
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from trainer import UserError, cli, distributed, run_files
+from trainer import UserError, cli, distributed, models, run_files
 from trainer.config import Config, load_config, to_yaml
 from trainer.device import amp_choice, device_name
 from trainer.distributed import Dist
-from trainer.files import FileLock, LockHeld, remove_stale_temp_files, write_text_atomic
+from trainer.files import remove_stale_temp_files, write_text_atomic
 from trainer.logger import make_logger
 from trainer.training import checkpoint
+from trainer.training.collectives import broadcast_object
+from trainer.training.run_folder import claim_on_every_rank
 from trainer.training.stopping import Stopped
 from trainer.training.trainer import Trainer
-
-# What flock says on a filesystem that cannot lock (e.g. Lustre mounted without -o flock).
-NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def _run_dir(cfg: Config, requested: Path | None, group: Dist) -> Path:
     """The run folder: as asked, or runs/<arch>-<timestamp> chosen by rank 0 for every rank."""
     if requested is not None:
         return requested
-    name = [f"runs/{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
-    if group.enabled:
-        torch.distributed.broadcast_object_list(name, src=0)
-    return Path(name[0])
+    return Path(broadcast_object(f"runs/{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", group))
 
 
 def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | None) -> Config:
     if config is not None:
-        return load_config(config, overrides)
+        return load_config(config, overrides, archs=models.names())
     if run_dir is not None and (run_dir / run_files.CONFIG).is_file():
-        return load_config(run_dir / run_files.CONFIG, overrides)  # resuming a run by its folder alone
+        return load_config(run_dir / run_files.CONFIG, overrides, archs=models.names())  # resuming a run by its folder alone
     raise UserError("pass --config FILE (or --run-dir of an existing run to resume it)")
-
-
-# ---- taking the run folder ----------------------------------------------------------------------
-
-
-@dataclass
-class Claim:
-    """Rank 0's hold on the run folder for one command: its lock (two trainers writing one folder
-    interleave their metrics and checkpoints), and what the command did to take it, so that a
-    command failing before it writes anything leaves the folder as it found it."""
-
-    run_dir: Path
-    locks: list[FileLock] = field(default_factory=list)
-    created: bool = False  # this command made run_dir (and its lock file)
-    replaced: Path | None = None  # --restart moved the old folder here
-
-    def undo(self) -> None:
-        """Removes the folder this command created, if it still holds nothing but the lock file,
-        and puts back a folder that --restart moved aside."""
-        if self.created:
-            (self.run_dir / run_files.LOCK).unlink(missing_ok=True)
-            try:
-                self.run_dir.rmdir()  # only if empty: nothing else is ever deleted
-            except OSError:
-                return
-        if self.replaced is not None and not self.run_dir.exists():
-            self.replaced.rename(self.run_dir)
-            self.replaced = None
-
-    def release(self) -> None:
-        for lock in self.locks:
-            lock.release()
-
-
-def _holder() -> str:
-    """Who holds a run folder, as a refused process prints it."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return (f"PID {os.getpid()} on host {socket.gethostname()}" + (f" (SLURM job {job})" if job else "")
-            + f", since {datetime.now().isoformat(timespec='seconds')}")
-
-
-def _lock(claim: Claim) -> None:
-    """Creates the run folder if needed and takes its lock, or refuses naming the holder. The lock
-    lasts while this process lives: a requeued job gets it once its previous incarnation is gone."""
-    run_dir = claim.run_dir
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: not a folder")
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        claim.locks.append(FileLock.acquire(run_dir / run_files.LOCK, _holder()))
-    except LockHeld as e:
-        raise UserError(f"{run_dir}: in use by another trainer ({e.holder or 'its PID not written yet'}); "
-                        f"let it finish or stop it, or choose another --run-dir") from None
-    except OSError as e:
-        if e.errno not in NO_LOCKS:
-            raise
-        print(f"warning: {run_dir}: cannot lock it on this filesystem ({e.strerror}); make sure no other trainer "
-              f"uses it", file=sys.stderr)
-    claim.created = claim.created or created  # only now: a lock file that is not ours is never removed
-
-
-def _check_history(run_dir: Path) -> None:
-    """Refuses a folder holding a run's results but no checkpoint: starting afresh would overwrite them."""
-    ckpt_dir = run_dir / run_files.CHECKPOINTS
-    if (ckpt_dir / checkpoint.LAST).exists() or (ckpt_dir / checkpoint.PREV).exists():
-        return  # resumed from, or refused by checkpoint.load_latest if none is readable
-    metrics = run_dir / run_files.METRICS
-    history = [p.name for p in (metrics, run_dir / run_files.SUMMARY) if p.exists() and p.stat().st_size > 0]
-    if history:
-        raise UserError(f"{run_dir}: holds {' and '.join(history)} but no checkpoint to resume from; "
-                        f"{run_files.RESTART_HINT}")
-
-
-def claim_run_dir(run_dir: Path, restart: bool = False) -> Claim:
-    """Takes the run folder for this process (see Claim); with `restart`, first moves the folder
-    aside (renamed, never deleted) so the run starts afresh in an empty one."""
-    claim = Claim(run_dir)
-    try:
-        _lock(claim)
-        if restart and any(p.name != run_files.LOCK for p in run_dir.iterdir()):
-            claim.replaced = run_files.aside_path(run_dir)
-            run_dir.rename(claim.replaced)  # its lock goes with it, still held: no one starts in it meanwhile
-            _lock(claim)
-        elif not restart:
-            _check_history(run_dir)
-    except BaseException as e:
-        claim.undo()
-        claim.release()
-        if isinstance(e, OSError):
-            raise UserError(f"{e.filename or run_dir}: {e.strerror or e}") from None
-        raise
-    return claim
-
-
-def _claim_on_every_rank(run_dir: Path, restart: bool, group: Dist) -> Claim | None:
-    """Rank 0 claims the folder; every rank learns whether it could, so all fail alike if not."""
-    claim, error = None, None
-    if group.is_main:
-        try:
-            claim = claim_run_dir(run_dir, restart)
-        except UserError as e:
-            error = str(e)
-    if group.enabled:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)  # also: no rank reads the folder before --restart moved it
-        error = box[0]
-    if error is not None:
-        raise UserError(error)
-    return claim
 
 
 def _start_writing(cfg: Config, run_dir: Path) -> list[Path]:
@@ -209,7 +89,7 @@ def train(
         if restart and run_dir is None:
             raise UserError("--restart needs --run-dir: the folder of the run to start over")
         run_dir = _run_dir(cfg, run_dir, group)
-        claim = _claim_on_every_rank(run_dir, restart, group)
+        claim = claim_on_every_rank(run_dir, restart, group)
         trainer = Trainer(cfg, run_dir, group, stop_after_epoch)
         writing = True
         stale = _start_writing(cfg, run_dir) if group.is_main else []
@@ -264,7 +144,7 @@ def train(
             claim.release()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="a YAML under jobs/configs/")
     parser.add_argument("--run-dir", type=Path, help="the run folder (default runs/<arch>-<timestamp>); resumes if it holds a checkpoint")
@@ -272,7 +152,7 @@ def main() -> None:
     parser.add_argument("--restart", action="store_true",
                         help="start the run in --run-dir over; the old folder is kept, renamed <dir>.replaced-<time>")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     def run() -> int:
         try:

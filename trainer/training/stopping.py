@@ -1,4 +1,6 @@
-"""Should the run stop now, and why: one pure function of the progress, the config and the requests.
+"""Should the run stop now, and why: one pure function of the progress, the config and the requests
+(should_stop); and the stop signals those requests come from: caught (StopSignal), and agreed on by
+the ranks inside an epoch at an interval in seconds (StopCheck).
 
 Some reasons end the run (it writes its summary); the others pause it (its checkpoint is saved,
 `Stopped` is raised, and running the same command again resumes it).
@@ -8,10 +10,19 @@ from __future__ import annotations
 
 import enum
 import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from trainer.config import TrainConfig
+from trainer.training.collectives import all_reduce_max
 from trainer.training.progress import Progress
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # a preemption's notice, under SLURM and elsewhere
 
 
 class Stopped(Exception):
@@ -24,7 +35,6 @@ class Stopped(Exception):
 
 class Reason(enum.Enum):
     PATIENCE = "patience"  # no better validation (or, without a split, test) accuracy for train.patience epochs
-    TIME_BUDGET = "time budget"  # train.time_budget_s of training passed
     BUDGET_PLAN_DONE = "budget plan done"  # train.budget_s: the steps fitted to the budget are trained
     STOP_AFTER_EPOCH = "stop after epoch"  # --stop-after-epoch, a preemption on request
     SIGNAL = "signal"  # SIGTERM or SIGUSR2: a preemption
@@ -61,10 +71,6 @@ def should_stop(
     if cfg.patience and progress.bad_epochs >= cfg.patience:
         metric = "validation" if progress.best.val_acc is not None else "test"
         return Stop(Reason.PATIENCE, f"early stopping: no better {metric} accuracy for {cfg.patience} epochs")
-    if cfg.time_budget_s and progress.elapsed_s >= cfg.time_budget_s:
-        return Stop(Reason.TIME_BUDGET, f"time budget reached: {progress.elapsed_s:.0f} s of training >= "
-                                        f"train.time_budget_s={cfg.time_budget_s:g}; stopping after epoch {epoch} "
-                                        f"of {cfg.epochs}")
     plan = progress.plan
     if plan is not None and progress.global_step >= plan.total_steps:
         return Stop(Reason.BUDGET_PLAN_DONE, f"budget plan done: {plan.total_steps} steps ({plan.epochs:.2f} epochs) "
@@ -80,11 +86,79 @@ def should_stop(
 
 
 def evaluates(progress: Progress, cfg: TrainConfig) -> bool:
-    """Whether the epoch just completed (progress.epoch, its time in progress.elapsed_s) is evaluated
-    and checkpointed: every train.eval_every epochs, and whenever the run ends after it, whatever
-    ends it. The end is decided by should_stop itself, from the same numbers, so a run can never
-    end on an epoch that was not evaluated (evaluating only adds time: an ending run stays ended)."""
+    """Whether the epoch just completed (progress.epoch) is evaluated and checkpointed: every
+    train.eval_every epochs, and whenever the run ends after it, whatever ends it. The end is
+    decided by should_stop itself, from the same progress, so a run can never end on an epoch that
+    was not evaluated. No reason to end reads the clock (a budget ends at its plan's step count), so
+    every rank takes the same decision from its own copy of the progress."""
     if cfg.eval_every and progress.epoch % cfg.eval_every == 0:
         return True
     stop = should_stop(progress, cfg)
     return stop is not None and stop.ends_run
+
+
+class StopSignal:
+    """The stop signal (STOP_SIGNALS) this process received while `catching()`. The handler only
+    notes it: the ranks must stop after the same step, so they act on it together, at the next
+    check (StopCheck inside an epoch, `on_any_rank` between epochs)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    @contextmanager
+    def catching(self) -> Iterator[None]:
+        def on_signal(signum: int, frame: Any) -> None:
+            self.received = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_any_rank(self, device: torch.device) -> int | None:
+        """The stop signal any rank received, on every rank (a collective: call at the same steps)."""
+        signum = torch.tensor([self.received or 0], device=device)
+        return int(all_reduce_max(signum, device).item()) or None
+
+
+class StopCheck:
+    """When, inside an epoch, the ranks next agree whether a stop signal arrived: every `every`
+    steps, with `every` adapted to the measured step time so that the checks are at most about
+    `bound_s` seconds apart, whatever the step time and the logging interval.
+
+    A signal sets a Python flag at once, but the ranks must stop after the same step, and agreeing
+    costs a collective and a host sync; doing that every step would stall a GPU's queue, so it is
+    done every `every` steps instead. The time is measured between two agreements, each of which
+    waits for the device, so it is the true time of the steps in between, on the slowest rank; all
+    ranks compute `every` from the same all-reduced numbers and so stay in step.
+    """
+
+    def __init__(self, bound_s: float, device: torch.device) -> None:
+        self.bound_s, self.device = bound_s, device
+        self.every = 1  # the first check comes after one step, then the step time is known
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def restart(self) -> None:
+        """From here on (an epoch starts): the time between epochs (evaluation, checkpoint) is no step time."""
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def due(self) -> bool:
+        """Counts a step; True when the ranks are to agree now (every rank reaches it at the same step)."""
+        self.steps += 1
+        return self.steps >= self.every
+
+    def agree(self, signum: int | None) -> int | None:
+        """The stop signal any rank received (a collective), and the interval to the next check."""
+        measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since], dtype=torch.float64,
+                                device=self.device)
+        any_signal, slowest_s = all_reduce_max(measured, self.device).tolist()
+        fits = int(self.bound_s * self.steps / slowest_s) if slowest_s > 0 else 2 * self.every
+        # At most doubling: one interval that happened to be fast cannot stretch the next one far
+        # past the bound.
+        self.every = max(1, min(fits, 2 * self.every))
+        self.restart()
+        return int(any_signal) or None

@@ -1,7 +1,10 @@
-"""summary.json: what a finished run reached, with the provenance to trust and repeat it."""
+"""What a run reports: each epoch's metrics line and log line, and summary.json, what a finished
+run reached, with the provenance to trust and repeat it."""
 
 from __future__ import annotations
 
+import resource
+import socket
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +16,8 @@ from trainer.config import Config
 from trainer.data.checks import data_record
 from trainer.data.common import split_record, train_labels
 from trainer.device import amp_dtype, device_name, precision_name
-from trainer.distributed import Dist, hosts
+from trainer.distributed import Dist
+from trainer.training.collectives import all_gather_object, all_reduce_max, all_reduce_min
 from trainer.training.progress import Progress
 
 
@@ -23,10 +27,42 @@ def ranks_in_sync(model: nn.Module, group: Dist) -> bool:
     if not group.enabled:
         return True
     fingerprint = torch.stack([p.detach().double().sum() for p in model.state_dict().values()])
-    lowest, highest = fingerprint.clone(), fingerprint.clone()
-    torch.distributed.all_reduce(lowest, op=torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
+    lowest = all_reduce_min(fingerprint.clone(), group.device)
+    highest = all_reduce_max(fingerprint.clone(), group.device)
     return bool(torch.equal(lowest, highest))
+
+
+def hosts(group: Dist) -> list[str]:
+    """The distinct host names the ranks run on, sorted (a collective: every rank calls it)."""
+    return sorted(set(all_gather_object(socket.gethostname(), group)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS
+
+
+def evaluation_metrics(val: tuple[float, float, int] | None, test: tuple[float, float, int] | None) -> dict[str, Any]:
+    """A metrics line's val_*/test_* keys: none for a set not evaluated (train.eval_every, no
+    data.val_split). val_images: counted over every rank's shard, data.val_split when each counts once."""
+    metrics: dict[str, Any] = {}
+    if val is not None:
+        metrics.update(val_loss=val[0], val_acc=val[1], val_images=val[2])
+    if test is not None:
+        metrics.update(test_loss=test[0], test_acc=test[1])
+    return metrics
+
+
+def epoch_line(metrics: dict[str, Any], steps_per_epoch: int, eval_every: int) -> str:
+    """The log's line for a trained epoch, from its metrics line."""
+    m, evaluated = metrics, "test_loss" in metrics
+    return (f"epoch {m['epoch']:3d}  train loss {m['train_loss']:.3f} acc {m['train_acc']:5.2f}  "
+            + (f"val loss {m['val_loss']:.3f} acc {m['val_acc']:5.2f}  " if "val_loss" in m else "")
+            + (f"test loss {m['test_loss']:.3f} acc {m['test_acc']:5.2f}  " if evaluated else "")
+            + f"{m['images_per_s']:,.0f} img/s  {m['epoch_s']:.1f} s"
+            + (f"  (partial: {m['steps']} of {steps_per_epoch} steps)" if m["steps"] < steps_per_epoch else "")
+            + ("" if evaluated else f"  (not evaluated: train.eval_every={eval_every})"))
 
 
 def _split_record(cfg: Config) -> dict | None:
@@ -57,7 +93,7 @@ def summary(cfg: Config, progress: Progress, params: int, group: Dist, in_sync: 
         "gap": best.train_acc - best.test_acc,  # train minus test accuracy, both of the selected epoch
         "params": params,
         "epochs_run": progress.epoch,
-        # Before train.epochs, for a reason other than the end of a budget's plan (patience, a time cut-off).
+        # Before train.epochs, for a reason other than the end of a budget's plan: patience.
         "stopped_early": progress.epoch < cfg.train.epochs and progress.plan is None,
         "wall_time_s": progress.elapsed_s,  # training, evaluating and compiling (compile_s of it)
         "compile_s": progress.compile_s,

@@ -1,37 +1,42 @@
 """Typed, strict run configuration: dataclasses filled from YAML files and `key=value` overrides.
 
 A config file may name another one to start from (`extends: base.yaml`, relative to itself); its
-values are laid over that file's, then the command-line overrides over both. Every layer is
-checked on its own against the dataclasses below, so an error names the file (or the override)
-and the dotted key it is about. Mistakes that PyYAML lets through are errors here: unknown keys,
-duplicate keys (PyYAML silently keeps the last), strings where numbers belong, and missing
-required values. `5e-4` is read as the float it looks like (PyYAML's YAML 1.1 rules read it as a
-string).
+values are laid over that file's, then the command-line overrides over both. The strict loader
+(trainer/strict_yaml.py) checks every layer against the dataclasses below, so an error is one line
+naming the file (or the override) and the dotted key it is about.
+
+The schema and load_config import nothing from trainer.models (which imports this module), so
+model.arch is checked against the registry by the commands that load a run config: they pass
+`archs=models.names()` to load_config (main, `python -m trainer.config`, is one of them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import re
-import types
-import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from trainer import UserError
 from trainer.files import write_text_atomic
+# ConfigError is the loader's: importers of this module get it here too.
+from trainer.strict_yaml import (
+    REQUIRED, ConfigError, Retired, load_dataclass, parse_override, parse_yaml, read_layers, sources,
+)
 
-REQUIRED: Any = dataclasses.MISSING
-
-
-class ConfigError(UserError):
-    pass
+# Keys and choices of older versions, kept only to name their replacement in the error.
+RETIRED = Retired(
+    keys={
+        # Two stop mechanisms overlapped; budget_s fits the schedule to the time instead of cutting it.
+        "train.time_budget_s": "use train.budget_s=N (fits the steps to N seconds and ends mid-epoch if need be)",
+    },
+    values={
+        "onecycle": "triangle",  # linear warm-up then linear decay, fixed momentum: not torch's OneCycleLR
+    },
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +104,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = REQUIRED  # a name from the registry: python -m trainer.models lists them
+    # A name from the registry (python -m trainer.models lists them); checked by load_config's archs.
+    arch: str = REQUIRED
     # Options of the architecture (null/false = as the architecture is defined); an architecture that
     # lacks one refuses it by name (trainer/models/options.py says which has what).
     output_stride: int | None = None  # MobileNets/EfficientNet: 16 (2x2 final maps) or 8 (one stride-2 stage at stride 1)
@@ -113,10 +119,6 @@ class ModelConfig:
     dirac_init: bool = False  # 3x3 convolutions (all but the first) start as identity maps plus their usual init (airbench)
 
     def __post_init__(self) -> None:
-        from trainer import models  # late: the registry imports torchvision
-
-        if self.arch not in models.names():
-            raise ValueError(f"arch: unknown architecture '{self.arch}'; valid: {', '.join(models.names())}")
         if self.output_stride not in (None, 8, 16):
             raise ValueError(f"output_stride: must be 8 or 16, got {self.output_stride}")
         if self.bn_momentum is not None and not 0 <= self.bn_momentum <= 1:
@@ -182,7 +184,6 @@ class TrainConfig:
     # evaluated, and a stop signal still saves a checkpoint. Early stopping needs 1 (it counts epochs).
     eval_every: int = 1
     threads: int = 0  # torch CPU threads per process; 0 = the cores available / processes
-    time_budget_s: float = 0.0  # stop after the epoch that passes this much training time (0 = no limit); the run still ends with its summary
     # Seconds between the ranks' checks for SIGTERM/SIGUSR2 inside an epoch: a stop waits about this
     # long; each check is one small host sync.
     stop_check_s: float = 5.0
@@ -193,8 +194,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "stop_check_s", "dist_timeout_s")
-        _non_negative(self, "patience", "threads", "time_budget_s", "tta_translate", "lookahead_every", "budget_s",
-                      "eval_every")
+        _non_negative(self, "patience", "threads", "tta_translate", "lookahead_every", "budget_s", "eval_every")
         if not 0 <= self.ema < 1:
             raise ValueError("ema: must be in [0, 1)")
         if not 0 <= self.lookahead_decay < 1:
@@ -208,8 +208,6 @@ class TrainConfig:
         if self.patience and self.eval_every != 1:
             raise ValueError(f"eval_every: early stopping (patience {self.patience}) evaluates every epoch; "
                              f"set train.eval_every=1 or train.patience=0, got {self.eval_every}")
-        if self.budget_s and self.time_budget_s:
-            raise ValueError("time_budget_s: a cut-off; give either it or train.budget_s, not both")
 
 
 @dataclass
@@ -259,227 +257,24 @@ def _non_negative(obj: Any, *names: str) -> None:
             raise ValueError(f"{name}: must not be negative, got {getattr(obj, name)}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Strict YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and reads YAML 1.2 floats such as 5e-4."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key '{key}'")
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-# YAML 1.1 needs a dot in a float ("5.0e-4"); 1.2 does not. Ints still match the int rule first.
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{line}: {problem}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking one layer against the schema
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-# Old spellings of choices, kept only to name the new one in the error.
-RENAMED_VALUES = {
-    "onecycle": "triangle",  # linear warm-up then linear decay, fixed momentum: not torch's OneCycleLR
-}
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    ok: bool
-    if origin in (types.UnionType, typing.Union):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-        ok = False
-    elif origin is Literal:
-        ok = value in typing.get_args(tp)
-        renamed = RENAMED_VALUES.get(value) if isinstance(value, str) else None
-        if not ok and renamed in typing.get_args(tp):
-            raise ConfigError(f"{key}: '{value}' is now called '{renamed}'")
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-        ok = False
-    elif tp is type(None):
-        ok = value is None
-    elif tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            # Every float is checked here, once: nan passes any range check (`nan <= 0` is False)
-            # and inf every lower bound, so either would only fail once training is under way.
-            try:
-                value = float(value)
-            except OverflowError:  # an int no float can hold
-                raise ConfigError(f"{key}: expected a finite number, got an integer of {len(str(value))} digits") from None
-            if not math.isfinite(value):
-                raise ConfigError(f"{key}: expected a finite number, got {value}")
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"config field {key} has a type the loader does not handle: {tp}")
-    if not ok:
-        got = f"{type(value).__name__} {value!r}" if value is not None else "null"
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {got}")
-    return value
-
-
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    prefix, _, name = key.rpartition(".")
-    prefix = f"{prefix}." if prefix else ""
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-    return ConfigError(f"unknown key '{key}'{hint}")
-
-
-def _check_layer(data: Any, cls: type, prefix: str = "") -> dict:
-    """One layer (a file or the overrides) checked against `cls`: a dict of coerced values."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the top level'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    checked = {}
-    for key, value in data.items():
-        if key not in hints:
-            raise _unknown_key(f"{prefix}{key}", names)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            checked[key] = _check_layer(value, tp, f"{prefix}{key}.")
-        else:
-            checked[key] = _coerce(value, tp, f"{prefix}{key}")
-    return checked
-
-
-def _merge(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
-    return merged
-
-
-def _instantiate(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _instantiate(tp, values.get(f.name, {}), f"{prefix}{f.name}.")
-        elif f.name in values:
-            kwargs[f.name] = values[f.name]
-        elif f.default is REQUIRED and f.default_factory is REQUIRED:
-            raise ConfigError(f"{prefix}{f.name}: required value missing")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # __post_init__ range checks name their own field
-        raise ConfigError(f"{prefix}{e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API
-
-
-def parse_override(text: str) -> dict:
-    """`optim.lr=5e-4` -> {'optim': {'lr': 0.0005}}; the value is read as YAML (lists, null...)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': expected key=value with a dotted key, e.g. optim.lr=0.05")
-    value = parse_yaml(raw, f"override '{text}'") if raw.strip() else ""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
-def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'extends' forms a cycle")
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    data = parse_yaml(text, str(path))
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    layers = []
-    parent = data.pop("extends", None)
-    if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
-        layers = _load_layers(path.parent / parent, seen + (path.resolve(),))
-    layers.append((str(path), data))
-    return layers
-
-
-def load_dataclass(cls: type, layers: list[tuple[str, Any]]) -> Any:
-    """Checks each (source, mapping) layer against `cls`, lays them over each other in order, and
-    builds the dataclass; any error names the layer's source and the dotted key."""
-    merged: dict = {}
-    for source, data in layers:
-        try:
-            merged = _merge(merged, _check_layer(data, cls))
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-    try:
-        return _instantiate(cls, merged)
-    except ConfigError as e:
-        sources = " + ".join(source for source, _ in layers) or "defaults"
-        raise ConfigError(f"{sources}: {e}") from None
-
-
 def build_config(layers: list[tuple[str, Any]]) -> Config:
-    return load_dataclass(Config, layers)
+    return load_dataclass(Config, layers, RETIRED)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config in `path` (None: defaults only), with `key=value` overrides applied last."""
-    layers = _load_layers(Path(path)) if path is not None else []
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *, archs: Collection[str] = ()
+) -> Config:
+    """The config in `path` (None: defaults only), with `key=value` overrides applied last.
+
+    archs: the architectures model.arch may name (models.names()); a command passes them, so an
+    unknown one is an error before anything starts. Empty: not checked (the schema alone)."""
+    layers = read_layers(Path(path)) if path is not None else []
     layers += [(f"override '{o}'", parse_override(o)) for o in overrides]
-    return build_config(layers)
+    cfg = build_config(layers)
+    if archs and cfg.model.arch not in archs:
+        raise ConfigError(f"{sources(layers)}: model.arch: unknown architecture '{cfg.model.arch}'; "
+                          f"valid: {', '.join(sorted(archs))}")
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -496,21 +291,3 @@ def from_yaml(text: str, source: str = "<string>") -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     write_text_atomic(path, to_yaml(cfg))
-
-
-def main() -> None:
-    import argparse
-
-    from trainer import cli
-
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.config", description="Print the resolved config of a YAML file plus key=value overrides."
-    )
-    parser.add_argument("config", help="a YAML file, e.g. jobs/configs/resnet.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
-    cli.run(lambda: print(to_yaml(load_config(args.config, args.overrides)), end=""))
-
-
-if __name__ == "__main__":
-    main()
