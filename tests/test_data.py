@@ -103,6 +103,23 @@ def test_train_loader_augments_and_casts(beton_dir):
     assert torch.get_num_threads() == 1
 
 
+def test_more_workers_than_cores_are_lowered_with_one_warning(beton_dir, capsys):
+    # base.yaml asks for 8: on a 2-core machine ffcv's numba threads refused it with a 35-line
+    # traceback ("The number of threads must be between 1 and 2") before the loaders lowered it.
+    from trainer.data import common
+
+    cores = len(os.sched_getaffinity(0))
+    common._LOWERED.clear()  # the warning is once per process: another test may have had it
+    cfg = DataConfig(dir=str(beton_dir), batch_size=100, num_workers=cores + 6, train_subset=200, test_subset=100,
+                     val_split=0)
+    train, test = build_loaders(cfg, Dist.single(), threads=1)
+    assert [len(x) for x, _ in train] == [100, 100] and sum(len(x) for x, _ in test) == 100
+    err = capsys.readouterr().err
+    assert err.count("warning: data.num_workers=") == 1, err
+    assert f"data.num_workers={cores + 6} is more than the {cores} cores this process may use; using {cores}" in err
+    assert common.loader_workers(cores) == cores and capsys.readouterr().err == ""
+
+
 def test_prepare_is_idempotent(beton_dir, cifar_source, capsys):
     before = [_checksum(beton_dir / n) for n in ("train.beton", "test.beton", cifar10.SIDECAR)]
     assert prepare(beton_dir, cifar_source) is False

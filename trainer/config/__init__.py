@@ -54,7 +54,7 @@ class DataConfig:
     # The global batch: each of the N processes trains on batch_size / N images a step (N must divide
     # it), so the recipe trains the same on any number of GPUs; optim.lr is per 256 images of it.
     batch_size: int = 256
-    num_workers: int = 4  # ffcv decoding threads per process
+    num_workers: int = 4  # ffcv decoding threads per process; lowered (one warning) to the cores this process may use
     flip: bool = True  # random horizontal flip
     translate: int = 4  # random translation by up to this many pixels (zero padding); 0 = off
     cutout: int = 0  # side of a square cut out of each training image; 0 = off

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +44,24 @@ class BatchLoader(Protocol):
         """Play `epoch`'s order next; the trainer calls it before each epoch, also when resuming
         in the middle of one."""
         ...
+
+
+_LOWERED: set[tuple[int, int]] = set()  # (asked, cores) already warned about in this process
+
+
+def loader_workers(num_workers: int) -> int:
+    """data.num_workers, at most the cores this process may use: ffcv decodes on numba threads,
+    and numba refuses more threads than cores (a 35-line traceback: "The number of threads must be
+    between 1 and 2" on a 2-core machine, where base.yaml's 8 would otherwise crash every recipe).
+    More threads than cores would only contend anyway. Lowered with one warning line per process."""
+    cores = len(os.sched_getaffinity(0))
+    if num_workers <= cores:
+        return num_workers
+    if (num_workers, cores) not in _LOWERED:
+        _LOWERED.add((num_workers, cores))
+        print(f"warning: data.num_workers={num_workers} is more than the {cores} cores this process may use; "
+              f"using {cores}", file=sys.stderr)
+    return cores
 
 
 def default_threads() -> int:

@@ -22,7 +22,7 @@ from trainer.config import DataConfig
 from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_data_dir, check_train_batch, default_threads, held_out, per_process_batch,
+    DTYPES, MEAN_PIXEL, check_data_dir, check_train_batch, default_threads, held_out, loader_workers, per_process_batch,
     shard_indices, train_val_indices,
 )
 from trainer.distributed import Dist
@@ -135,7 +135,7 @@ def _eval_loader(path: Path, indices: np.ndarray, cfg: DataConfig, batch: int, d
     return Loader(
         str(path),
         batch_size=batch,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers),
         order=OrderOption.SEQUENTIAL,
         drop_last=False,
         indices=indices.astype(np.uint64),
@@ -164,7 +164,7 @@ def build_ffcv_loaders(
     train = Loader(
         str(data_dir / "train.beton"),
         batch_size=batch,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers),
         order=OrderOption.RANDOM,
         drop_last=True,  # equal-sized steps keep BatchNorm statistics and DDP ranks in step
         distributed=world > 1,

@@ -39,7 +39,7 @@ from trainer.data.augment import MixPlan, PixelTable, draw_mix_plan, mix, normal
 from trainer.data.checks import open_beton, python_split
 from trainer.data.cifar10 import SIDE
 from trainer.data.common import (
-    DTYPES, check_train_batch, default_threads, held_out, per_process_batch, shard_indices, train_labels,
+    DTYPES, check_train_batch, default_threads, held_out, loader_workers, per_process_batch, shard_indices, train_labels,
     train_val_indices, verify_data,
 )
 from trainer.distributed import Dist
@@ -226,7 +226,7 @@ def read_images(cfg: DataConfig, split: str, indices: np.ndarray) -> tuple[torch
         found = python_split(cfg.dir, split)
         return torch.from_numpy(found.images[indices]), torch.from_numpy(found.labels[indices])
     threads = torch.get_num_threads()
-    images, labels = read_beton(Path(cfg.dir) / f"{split}.beton", workers=cfg.num_workers, indices=indices)
+    images, labels = read_beton(Path(cfg.dir) / f"{split}.beton", workers=loader_workers(cfg.num_workers), indices=indices)
     torch.set_num_threads(threads)  # ffcv changed it; normalising is torch's work
     return images, labels
 
