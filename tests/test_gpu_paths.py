@@ -202,7 +202,11 @@ def test_compiled_run_reports_compile_time_apart(beton_dir, tmp_path):
     run_dir = tmp_path / "run"
     args = ["--config", str(SMALL), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=1000",
             "data.test_subset=250", "train.epochs=1", "train.ema=0", "train.compile=true", "--run-dir", str(run_dir)]
-    r = run_main("trainer", *args)
+    # A cold compile, as a first run: inductor's caches (on disk, kept between test sessions) would
+    # otherwise make a repeated run compile in under a second.
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+            "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+    r = run_main("trainer", *args, env=cold)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
