@@ -10,21 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import SMALL
 from test_trainer import metrics, trainer
 
 from trainer.training import budget
 from trainer.training.progress import Progress
 from trainer.training.stopping import Reason, should_stop
 
-TINY = REPO / "tests/configs/small.yaml"
 # The resident loader: no ffcv pipeline compilation (7-12 s per new loader) inside a budget of seconds.
 BASE = ["data.loader=resident", "data.test_subset=100", "train.tta=false", "data.val_split=0", "data.flip=false", "data.translate=0",
         "logging.mode=disabled", "logging.log_every=1000"]
 
 
 def budget_run(beton_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(TINY), f"data.dir={beton_dir}", *BASE, *extra]
+    return ["--config", str(SMALL), f"data.dir={beton_dir}", *BASE, *extra]
 
 
 def plan(**changes) -> budget.Plan:
@@ -92,7 +91,7 @@ def test_bias_lr_mult_gives_biases_the_multiplied_lr(beton_dir, tmp_path):
     from trainer.distributed import Dist
     from trainer.training.trainer import Trainer
 
-    cfg = load_config(TINY, [f"data.dir={beton_dir}", *BASE, "data.train_subset=1000", "data.batch_size=100",
+    cfg = load_config(SMALL, [f"data.dir={beton_dir}", *BASE, "data.train_subset=1000", "data.batch_size=100",
                              "optim.bias_lr_mult=64"])
     t = Trainer(cfg, tmp_path / "run", Dist.single())
     names = {id(p): n for n, p in t.model.named_parameters()}

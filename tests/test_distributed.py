@@ -16,9 +16,9 @@ import time
 import pytest
 
 from conftest import REPO, SMALL_RUN
+from helpers import SMALL
 from trainer import distributed
 
-TINY = REPO / "tests/configs/small.yaml"
 
 
 # ---- the environment under SLURM ----------------------------------------------------------------
@@ -128,7 +128,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_unresolvable_master_is_one_error_line_at_once(beton_dir, tmp_path):
-    args = ["--config", str(TINY), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}", *SMALL_RUN]
+    args = ["--config", str(SMALL), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}", *SMALL_RUN]
     results = finish(start_ranks(args, free_port(), addr="no-such-host.invalid"), within_s=60)
     for code, err, _ in results:
         assert code == 1, err
@@ -140,7 +140,7 @@ def test_unresolvable_master_is_one_error_line_at_once(beton_dir, tmp_path):
 @pytest.mark.slow
 def test_taken_master_port_fails_within_the_timeout(beton_dir, tmp_path):
     """Rank 0 cannot listen; rank 1 reaches a socket that never answers and gives up at the timeout."""
-    args = ["--config", str(TINY), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}", *SMALL_RUN,
+    args = ["--config", str(SMALL), "--run-dir", str(tmp_path / "run"), f"data.dir={beton_dir}", *SMALL_RUN,
             "train.dist_timeout_s=6"]
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
@@ -164,7 +164,7 @@ def test_error_on_rank_0_only_ends_every_rank_long_before_the_timeout(beton_dir,
     (run_dir / "checkpoints").write_text("not a folder\n")
     timeout_s = 240
     # An epoch of 4 steps: the failure comes with the first checkpoint, at its end.
-    args = ["--config", str(TINY), "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN,
+    args = ["--config", str(SMALL), "--run-dir", str(run_dir), f"data.dir={beton_dir}", *SMALL_RUN,
             "data.train_subset=400", "data.test_subset=100", f"train.dist_timeout_s={timeout_s}"]
     (code0, err0, t0), (code1, err1, t1) = finish(start_ranks(args, free_port()), within_s=timeout_s)
     assert code0 == 1 and code1 == 1, (err0, err1)

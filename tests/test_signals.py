@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import REPO, SIGNALLED_STEP, SMALL_RUN
+from helpers import SMALL
 from trainer.config import TrainConfig
 from trainer.training.stopping import StopCheck
 
-TINY = REPO / "tests/configs/small.yaml"
 # On the CPU, where an epoch takes a minute (on a GPU it could end before the first check), and
 # with the trainer's lines arriving as it prints them.
 CPU_UNBUFFERED = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
@@ -52,7 +52,7 @@ def test_stop_check_reports_the_signal():
 def _start(beton_dir: Path, run_dir: Path) -> subprocess.Popen:
     # 5,000 images in batches of 8: an epoch of 625 steps, tens of seconds on a CPU, and no logging
     # step in it, so a stop that waited for one would wait for the epoch's end.
-    args = ["--config", str(TINY), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=8",
+    args = ["--config", str(SMALL), f"data.dir={beton_dir}", *SMALL_RUN, "data.train_subset=0", "data.batch_size=8",
             "train.epochs=1", "logging.log_every=100000", "--run-dir", str(run_dir)]
     return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=CPU_UNBUFFERED)

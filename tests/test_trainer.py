@@ -17,16 +17,14 @@ import pytest
 import torch
 
 from conftest import EVERY_STEP, FAKE_WANDB_KEY, REPO, signal_at_step, small_run_args
-from helpers import Result, run_main
+from helpers import Result, SMALL, run_main
 from wandb_records import config as wandb_config
 from wandb_records import history, read_records
 
-TINY = REPO / "tests/configs/small.yaml"
 SUMMARY_FIELDS = {
     "test_acc", "best_test_acc", "best_epoch", "train_acc", "gap", "params", "arch", "epochs_run", "wall_time_s",
     "gpu_seconds", "world_size", "device", "torch_version", "git_sha", "data",
 }
-FAKE_KEY = FAKE_WANDB_KEY
 small = small_run_args
 
 
@@ -215,7 +213,7 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(paused_after_2,
     ],
 )
 def test_bad_input_is_one_error_line(args, fragment, tmp_path):
-    config = ["--config", str(TINY)] if args else []
+    config = ["--config", str(SMALL)] if args else []
     r = trainer(*config, "--run-dir", str(tmp_path / "run"), *args)
     assert r.returncode == 1
     assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [ln for ln in r.stderr.splitlines() if "error:" in ln]
@@ -250,7 +248,7 @@ def test_two_process_gloo_ddp_with_offline_wandb(two_rank_run):
     # The API key is nowhere in the run folder.
     for path in run_dir.rglob("*"):
         if path.is_file():
-            assert FAKE_KEY.encode() not in path.read_bytes(), path
+            assert FAKE_WANDB_KEY.encode() not in path.read_bytes(), path
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -298,7 +296,7 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     assert resolve_wandb_mode("auto") == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
     assert resolve_wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("auto") == "disabled"
@@ -312,7 +310,7 @@ def test_time_budget_s_is_gone_but_old_run_folders_still_load(tmp_path):
     # for the cut-off is one error naming its replacement and where the value came from.
     from trainer.config import ConfigError, load_config, to_yaml
 
-    cfg = load_config(TINY)
+    cfg = load_config(SMALL)
     old = tmp_path / "config.yaml"
     old.write_text(to_yaml(cfg).replace("train:\n", "train:\n  time_budget_s: 0.0\n", 1))
     assert "time_budget_s: 0.0" in old.read_text()
@@ -320,7 +318,7 @@ def test_time_budget_s_is_gone_but_old_run_folders_still_load(tmp_path):
     assert load_config(old, ["train.time_budget_s=0"]) == cfg
     replacement = "train.time_budget_s: removed; use train.budget_s=N"
     with pytest.raises(ConfigError) as info:
-        load_config(TINY, ["train.time_budget_s=60"])
+        load_config(SMALL, ["train.time_budget_s=60"])
     assert str(info.value).startswith(f"override 'train.time_budget_s=60': {replacement}"), info.value
     old.write_text(old.read_text().replace("time_budget_s: 0.0", "time_budget_s: 30"))
     with pytest.raises(ConfigError) as info:
@@ -341,7 +339,7 @@ def test_checkpoint_round_trip_restores_progress_state_and_rng(tmp_path):
     from trainer.training.optim import lr_lambda, param_groups
     from trainer.training.progress import Best, Progress
 
-    cfg = load_config(TINY)
+    cfg = load_config(SMALL)
     group = Dist.single()
 
     def parts(seed: int) -> dict:
@@ -375,7 +373,7 @@ def test_checkpoint_round_trip_restores_progress_state_and_rng(tmp_path):
                for st, m in zip(restored["optimizer"].state_dict()["state"].values(), momentum, strict=True))
     assert restored["scheduler"].state_dict() == saved["scheduler"].state_dict()
 
-    other = load_config(TINY, ["model.arch=resnet9"])
+    other = load_config(SMALL, ["model.arch=resnet9"])
     with pytest.raises(UserError, match="holds a 'resnet9_tiny' run, not 'resnet9'"):
         checkpoint.Checkpointer(tmp_path, parts(1), group, other).resume(torch.zeros(3, dtype=torch.float64))
 
