@@ -5,6 +5,7 @@
     python jobs/launch.py --arch resnet9_tiny --profile smoke --seeds 2 --local --wait
     python jobs/launch.py --arch resnet,vgg_bn --seeds 3 optim.lr=0.05,0.1 train.ema=0,0.999
     python jobs/launch.py --status SWEEP --wait
+    python jobs/launch.py --all --wait --retries 2          # a job that FAILED is submitted again, resuming
 
 The logic lives in the package trainer/launch/ (importable by the jobs themselves); --help lists the options.
 """

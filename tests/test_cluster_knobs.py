@@ -54,6 +54,12 @@ def test_every_new_key_becomes_its_sbatch_line_through_submitit(slurm, beton_dir
     ({"mem_gb": 8, "mem_per_gpu": 40}, "mem_per_gpu: SLURM takes mem_gb (per node) or mem_per_gpu, not both"),
     ({"sbatch": ["reservation="]}, "sbatch: 'reservation=' is not 'name=value' or 'name'"),
     ({"max_requeues": -1}, "max_requeues: must not be negative"),
+    # #22: sbatch entries silently beat the first-class keys (the dry run said USR2@120s, the script KILL@1).
+    ({"sbatch": ["signal=KILL@1"]}, "sbatch: 'signal=KILL@1' sets what the key 'signal_delay_s' sets: use signal_delay_s"),
+    ({"sbatch": ["--time=10"]}, "use time_min instead"),
+    ({"sbatch": ["p=debug"]}, "use partition instead"),
+    ({"sbatch": ["cpus_per_task=2"]}, "use cpus_per_task instead"),
+    ({"sbatch": ["output=/tmp/x.log"]}, "submitit sets --output itself"),
     ({"setup": "module load cuda"}, "setup: expected a list of a string"),
 ])
 def test_bad_cluster_values_are_one_line(changes, message, beton_dir, tmp_path):

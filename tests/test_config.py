@@ -66,6 +66,10 @@ def test_extends_lays_files_over_each_other(tmp_path):
         ("model: {arch: resnet9}\n", ["optim.lr=abc"], ["override 'optim.lr=abc'", "expected a number"]),
         ("model: {arch: resnet9}\n", ["optim.lr"], ["override 'optim.lr'", "key=value"]),
         ("model: {arch: resnet9}\n", ["data.batch_size=-4"], ["data.batch_size", "must be positive"]),
+        # #22: a cutout larger than the image hung the ffcv loader (a worker thread raised, the main
+        # process waited forever); a shift of the whole image leaves nothing of it either.
+        ("model: {arch: resnet9}\n", ["data.cutout=40"], ["data.cutout", "at most 31, got 40"]),
+        ("model: {arch: resnet9}\n", ["data.translate=32"], ["data.translate", "at most 31, got 32"]),
         ("model: {arch: resnet9}\noptim: [1, 2]\n", [], ["run.yaml", "optim", "expected a mapping"]),
         ("model: {arch: resnet9\n", [], ["run.yaml", "not valid YAML"]),
     ],

@@ -4,6 +4,7 @@ official layout (conftest) and, where it is present, the real one."""
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from helpers import one_error_line, run_main
+from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data import cifar10
 from trainer.data.cifar10 import MEAN, STD, prepare, read_split
@@ -298,3 +300,73 @@ def test_launcher_prepares_a_data_folder_without_beton_files(cifar_source, tmp_p
     assert {p.name for p in data.iterdir()} >= {"train.beton", "test.beton", "cifar10.json"}
     again = run_main(*args)
     assert again.returncode == 0 and "preparing" not in again.stdout
+
+
+# ---- loader start-up failures: one error line each (issue #21 item 1) ----------------------------
+
+
+def _small_trainer_args(beton_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    from conftest import small_run_args
+
+    return [*small_run_args(beton_dir, "train.epochs=1", "data.train_subset=200", "data.test_subset=100", *extra),
+            "--run-dir", str(run_dir)]
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "resident"])
+def test_data_dir_without_the_files_is_one_line(loader, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_main("trainer", *_small_trainer_args(empty, tmp_path / "run", f"data.loader={loader}"))
+    one_error_line(r, f"{empty / 'train.beton'}: not found; convert CIFAR-10 first: python -m trainer.data prepare")
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "resident"])
+def test_ffcv_that_does_not_import_is_one_line_saying_what_to_do(loader, beton_dir, tmp_path, monkeypatch):
+    # As where ffcv's wheel or a library it links fails to load: every ffcv module hidden.
+    for name in [n for n in sys.modules if n == "ffcv" or n.startswith("ffcv.")] + ["ffcv"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    r = run_main("trainer", *_small_trainer_args(beton_dir, tmp_path / "run", f"data.loader={loader}"))
+    one_error_line(r, "data.format=beton: ffcv, which reads the .beton files, does not import here",
+                   "./setup.sh", "data.loader=resident data.format=python")
+
+
+def _dying_pipeline(*args, **kwargs):
+    # What numba raises in ffcv's thread when it cannot compile a pipeline: a message of many lines.
+    raise RuntimeError("Failed in nopython mode pipeline (step: nopython frontend)\nUntyped global name 'x'")
+
+
+@pytest.mark.parametrize("loader", ["ffcv", "resident"])
+def test_ffcv_thread_that_dies_is_one_line_not_a_hang(loader, beton_dir, tmp_path, monkeypatch):
+    # ffcv compiles and runs its pipeline in a thread of its own; before, the thread's death left the
+    # training loop waiting on its queue for ever, after a traceback.
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", _dying_pipeline)
+    r = run_main("trainer", *_small_trainer_args(beton_dir, tmp_path / "run", f"data.loader={loader}"))
+    line = one_error_line(r, "train.beton: ffcv's loader thread failed (RuntimeError: Failed in nopython mode "
+                             "pipeline (step: nopython frontend)); ./setup.sh", "data.loader=resident")
+    assert "Untyped" not in line
+
+
+def test_more_threads_than_numba_allows_are_lowered_or_one_line(beton_dir, capsys, monkeypatch):
+    import numba
+
+    from trainer.data import common
+    from trainer.data.ffcv_loader import ffcv_loader
+
+    common._LOWERED.clear()
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1)  # as NUMBA_NUM_THREADS=1 in the environment
+    assert common.loader_workers(2) == 1
+    assert "data.num_workers=2 is more than the 1 threads numba may start here (NUMBA_NUM_THREADS); using 1" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+    # Asked of ffcv itself (the loaders lower it first): its refusal is one line naming the file.
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    with pytest.raises(UserError, match=r"train.beton: ffcv could not start its loader \(ValueError: The number of "
+                                        r"threads must be between 1 and \d+\)$"):
+        ffcv_loader(beton_dir / "train.beton", batch_size=100, num_workers=too_many)
+
+
+def test_batch_bigger_than_the_data_is_one_line(beton_dir, tmp_path):
+    r = run_main("trainer", *_small_trainer_args(beton_dir, tmp_path / "run", "data.batch_size=400"))
+    one_error_line(r, "data.batch_size=400 exceeds the 200 training images")

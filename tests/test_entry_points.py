@@ -2,8 +2,10 @@
 input, and the same exit code and stderr from the in-process run (helpers.run_main) that the other
 test files use. These are the suite's anchors: what run_main shows of a command, a user sees.
 
-Each bad input is refused before any heavy work, so a command costs its start (its imports) alone;
-the processes start together and run side by side."""
+Each bad input is refused before any heavy work, and before the heavy modules are imported (torch,
+ffcv, submitit, wandb, matplotlib: seconds on a small CPU), so that the line comes at once (issue
+#21): the processes run with `python -X importtime`, whose lines on stderr name every module
+imported (they are left out of what is compared). They start together and run side by side."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from helpers import REPO, SMALL, error_lines, run_main
 # Each command with a bad input: the exit code and the stderr line (the last line, after argparse's
 # usage lines for exit 2). "{tmp}" is a folder that holds nothing.
 COMMANDS = {
-    "trainer": (["-m", "trainer"], ["--config", "{tmp}/missing.yaml"], 1,
-                "error: {tmp}/missing.yaml: cannot read config (No such file or directory)"),
+    "trainer": (["-m", "trainer"], ["--config", str(SMALL), "nosuch.key=1"], 1,
+                "error: override 'nosuch.key=1': unknown key 'nosuch' (valid: model, data, optim, train, logging)"),
     "trainer.data": (["-m", "trainer.data"], ["prepare", "--source", "{tmp}/nowhere", "--out", "{tmp}/out"], 1,
                      "error: {tmp}/nowhere: no such folder (expected a CIFAR-10 'cifar-10-batches-py' folder)"),
     "trainer.report": (["-m", "trainer.report"], ["{tmp}/sweep"], 1, "error: {tmp}/sweep: not a folder"),
@@ -40,27 +42,43 @@ COMMANDS = {
 }
 
 
+HEAVY = ("torch", "torchvision", "ffcv", "submitit", "wandb", "matplotlib")
+
+
 def _args(args: list[str], tmp: Path) -> list[str]:
     return [a.replace("{tmp}", str(tmp)) for a in args]
 
 
+def _imported(stderr: str) -> tuple[str, list[str]]:
+    """(stderr without importtime's lines, the heavy top-level packages those lines name)."""
+    own, heavy = [], set()
+    for line in stderr.splitlines(keepends=True):
+        if line.startswith("import time:"):
+            heavy.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+        else:
+            own.append(line)
+    return "".join(own), sorted(heavy & set(HEAVY))
+
+
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
-    """Every command of COMMANDS run as `python ...` from the repository, all at once."""
+def real(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess], dict[str, list[str]]]:
+    """Every command of COMMANDS run as `python -X importtime ...` from the repository, all at once;
+    and the heavy modules each imported."""
     tmp = tmp_path_factory.mktemp("entry")
-    procs = {key: subprocess.Popen([sys.executable, *start, *_args(args, tmp)], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+    procs = {key: subprocess.Popen([sys.executable, "-X", "importtime", *start, *_args(args, tmp)], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for key, (start, args, _, _) in COMMANDS.items()}
-    done = {}
+    done, heavy = {}, {}
     for key, proc in procs.items():
         out, err = proc.communicate(timeout=300)
+        err, heavy[key] = _imported(err)
         done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return tmp, done
+    return tmp, done, heavy
 
 
 @pytest.mark.parametrize("key", COMMANDS)
 def test_a_real_process_exits_with_one_error_line_as_run_main_says(real, key):
-    tmp, done = real
+    tmp, done, _ = real
     start, args, code, line = COMMANDS[key]
     r = done[key]
     lines = error_lines(r.stderr)
@@ -74,6 +92,13 @@ def test_a_real_process_exits_with_one_error_line_as_run_main_says(real, key):
     assert lines[-1].startswith(expected) if expected.endswith(": ") else lines[-1] == expected, lines[-1]
     inproc = run_main(key, *_args(args, tmp))
     assert (inproc.returncode, inproc.stdout, inproc.stderr) == (r.returncode, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("key", COMMANDS)
+def test_the_mistake_is_refused_before_a_heavy_module_is_imported(real, key):
+    _, done, heavy = real
+    assert done[key].returncode in (1, 2), done[key].stderr[-3000:]
+    assert heavy[key] == [], f"{key} imported {', '.join(heavy[key])} before saying: {done[key].stderr[-300:]}"
 
 
 @pytest.mark.parametrize("entry, argv", [

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, SMALL_RUN
-from helpers import SMALL, error_lines, run_main
+from helpers import SMALL, error_lines, one_error_line, run_main
 from trainer import cli
 
 
@@ -60,6 +60,28 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     assert r.returncode == 1
     assert len(error_lines(r.stderr)) == 1 and r.stderr.startswith(f"error: {not_a_folder}"), r.stderr
     assert not_a_folder.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--config", "{tmp}/missing.yaml"], "{tmp}/missing.yaml: cannot read config (No such file or directory)"),
+    (["--config", str(SMALL), "nosuch.key=1"], "unknown key 'nosuch'"),
+    (["--config", str(SMALL), "optim.lr=fast"], "optim.lr"),
+    (["--config", str(SMALL), "model.arch=resnet99"], "unknown architecture 'resnet99'"),
+    (["--config", str(SMALL), "--restart"], "--restart needs --run-dir"),
+    ([], "pass --config FILE"),
+])
+def test_a_mistaken_command_is_refused_before_the_training_stack(argv, fragment, tmp_path, monkeypatch):
+    """Refused before _train, which imports torch, ffcv and wandb (seconds on a small CPU, issue #21).
+    In this process they are imported already: the order is what is checked here; the real process's
+    imports, in test_entry_points."""
+    from trainer.training import run
+
+    def train_stack(*args):
+        raise AssertionError("the training stack was reached")
+
+    monkeypatch.setattr(run, "_train", train_stack)
+    r = run_main("trainer", *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    one_error_line(r, fragment.replace("{tmp}", str(tmp_path)))
 
 
 @pytest.fixture(scope="session")

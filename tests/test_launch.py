@@ -9,6 +9,7 @@ import functools
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, SMALL_RUN
-from helpers import Result, run_main
+from helpers import Result, one_error_line, run_main
 
 
 def launch(*args: object, env: dict | None = None) -> Result:
@@ -55,6 +56,23 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def remove_after_first_failure(sweep: Path, name: str, stop: threading.Event) -> None:
+    """Removes the file standing where the job `name`'s run folder goes once its first attempt has
+    failed on it (its result file, with the traceback, is written): the obstacle an operator clears
+    (a full disk, a bad mount), so that the retry, a new process, trains. Run as a thread beside the
+    launcher, which submits the retry a poll after it sees the failure."""
+    deadline = time.monotonic() + 300
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            job_id = json.loads((sweep / "sweep.json").read_text())["jobs"][name]["job_id"]
+        except (OSError, ValueError, KeyError):
+            job_id = None
+        if job_id and next(sweep.glob(f"submitit/**/{job_id}_0_result.pkl"), None):
+            (sweep / name).unlink()
+            return
+        time.sleep(0.05)
 
 
 def test_dry_run_prints_each_job_and_submits_nothing(beton_dir, tmp_path):
@@ -104,6 +122,38 @@ def test_unknown_arch_lists_valid_names(tmp_path):
     assert r.returncode == 1 and "lenet" in r.stderr and "mobilenet_big" in r.stderr
 
 
+def no_slurm(tmp_path: Path) -> dict:
+    """The environment of a machine without SLURM: a PATH on which no sbatch (nor srun) is found."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    return {"PATH": str(empty)}
+
+
+@pytest.mark.parametrize("profile, length", [("full", "150 epochs each"), ("budget-cpu", "at most 75 s of training each")])
+def test_no_slurm_and_no_local_is_one_line_naming_local(tmp_path, profile, length):
+    """It once started the 150-epoch sweep on this machine unasked. Said before the data is
+    prepared (the data folder here has none: it would have been downloaded into)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    r = launch("--all", "--profile", profile, "--sweep", "s", "--runs", tmp_path / "runs", f"data.dir={data}",
+               env=no_slurm(tmp_path))
+    one_error_line(r, "error: no SLURM here (no sbatch on PATH): add --local to run the 7 job(s) of profile "
+                      f"'{profile}' on this machine ({length}), or launch from a SLURM login node")
+    assert r.stdout == "" and list(data.iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_without_slurm_shows_the_slurm_plan_and_says_so(beton_dir, tmp_path):
+    runs = tmp_path / "runs"
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--dry-run", "--sweep", "s", "--runs", runs,
+               f"data.dir={beton_dir}", env=no_slurm(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == (
+        f"sweep s -> {runs / 's'} (executor: slurm; nothing submitted; no SLURM here (no sbatch on PATH): the plan "
+        "for a SLURM login node; --local runs the jobs here)")
+    assert "srun python -m trainer" in r.stdout and "#SBATCH" not in r.stdout
+    assert not runs.exists()
+
+
 # The local executor without a cluster: tests/test_local_slots.py runs a --local sweep end to end.
 
 
@@ -134,6 +184,7 @@ def test_smoke_sweep_on_slurm_completes_then_rerun_skips(slurm, beton_dir, tmp_p
 
     status = launch("--status", "smoke", "--runs", tmp_path, env=slurm)
     assert status.returncode == 0 and status.stdout.count("COMPLETED") == 2
+    assert not (tmp_path / "smoke/submitit/%j").exists()  # each job's folder, no literal pattern beside them
 
 
 # A job of two tasks (gloo DDP inside SLURM): tests/test_cluster_knobs.py's SLURM test, whose job
@@ -215,7 +266,6 @@ def test_plain_sbatch_script(slurm, beton_dir, tmp_path):
 
 def test_dry_run_needs_no_slurm_controller_and_quotes_commands(beton_dir, tmp_path):
     import shlex
-    import shutil
 
     # The controller is unreachable (SLURM_CONF names no file), and the sweep has a job submitted
     # earlier: the dry run asks SLURM nothing, says so, and writes nothing.
@@ -229,8 +279,7 @@ def test_dry_run_needs_no_slurm_controller_and_quotes_commands(beton_dir, tmp_pa
     r = launch("--arch", "resnet9_tiny,vgg_bn", "--profile", "smoke", "--dry-run", "--sweep", "again", "--runs",
                str(runs), f"data.dir={beton_dir}", tags, env=env)
     assert r.returncode == 0, r.stderr
-    executor = "slurm" if shutil.which("sbatch") else "local"
-    assert f"(executor: {executor}; nothing submitted)" in r.stdout
+    assert "(executor: slurm; nothing submitted" in r.stdout.splitlines()[0]  # without --local, SLURM's plan
     # each job's command (indented); the batch script printed after them has submitit's own srun line
     commands = [shlex.split(ln.strip()) for ln in r.stdout.splitlines() if ln.startswith("  srun ")]
     assert len(commands) == 2
@@ -253,3 +302,52 @@ def test_unreadable_slurm_conf_is_one_line_at_once(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"SLURM_CONF=.*slurm\.conf: no such file"):
         check_slurm()
     assert time.monotonic() - start < 5
+
+
+def test_retries_come_from_the_cluster_settings_or_the_command_line(beton_dir, tmp_path):
+    args = ("--arch", "resnet9_tiny", "--profile", "smoke", "--local", "--dry-run", "--runs", tmp_path,
+            f"data.dir={beton_dir}")
+    assert "retries=0" in launch(*args).stdout  # slurm/local.yaml's
+    assert "retries=2" in launch(*args, "-C", "retries=2").stdout
+    assert "retries=3" in launch(*args, "-C", "retries=2", "--retries", "3").stdout
+    one_error_line(launch(*args, "-C", "retrys=2"), "unknown key 'retrys' (did you mean 'retries'?)")
+    one_error_line(launch(*args, "--retries", "-1"), "--retries: retries: must not be negative, got -1")
+
+    (tmp_path / "old").mkdir()  # a sweep launched earlier
+    record = {"sweep": "old", "executor": "local", "archs": ["resnet9_tiny"], "jobs": {}}
+    (tmp_path / "old/sweep.json").write_text(json.dumps(record))
+    one_error_line(launch("--status", "old", "--runs", tmp_path, "--retries", "2"),
+                   "--retries with --status needs --wait: only a launcher that watches the jobs retries them")
+    one_error_line(launch("--status", "old", "--runs", tmp_path, "--retries", "2", "--wait"),
+                   "is a --local sweep, whose jobs only the launcher that runs them can retry")
+
+
+@pytest.mark.slow
+def test_a_failed_slurm_job_is_retried_into_its_run_folder(slurm, beton_dir, tmp_path):
+    """The job's first attempt fails (a file stands where its run folder goes), the file is removed,
+    and the launcher's retry, a SLURM job of its own, trains the run: two attempts in sweep.json
+    with their SLURM job ids, the one that failed with its cause."""
+    sweep = tmp_path / "retry"
+    sweep.mkdir()
+    (sweep / "resnet9_tiny").write_text("a file where the run folder goes\n")
+    stop = threading.Event()
+    repair = threading.Thread(target=remove_after_first_failure, args=(sweep, "resnet9_tiny", stop))
+    repair.start()
+    try:
+        r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--sweep", "retry", "--runs", tmp_path, "--wait",
+                   "--retries", "1", f"data.dir={beton_dir}", "logging.mode=disabled", env=slurm)
+    finally:
+        stop.set()
+        repair.join()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = sweep_record(tmp_path, "retry")["jobs"]["resnet9_tiny"]
+    first, second = info["attempts"]
+    assert first["state"] == "FAILED" and str(sweep / "resnet9_tiny") in first["cause"], first
+    assert (second["state"], second["cause"], second["job_id"]) == ("COMPLETED", None, info["job_id"])
+    assert first["job_id"] != second["job_id"]
+    for attempt in (first, second):  # SLURM's own record of each attempt
+        assert wait_for(lambda: sacct_states(attempt["job_id"], slurm).get(attempt["job_id"]) == attempt["state"], 60,
+                        f"sacct to show job {attempt['job_id']} {attempt['state']}")
+    assert f"resnet9_tiny: attempt 1 FAILED: {first['cause']}; retry 1 of 1: job {second['job_id']}" in r.stdout
+    assert f"2 attempts: 1st FAILED ({first['cause']}), 2nd COMPLETED" in r.stdout  # the final table
+    assert json.loads((sweep / "resnet9_tiny/summary.json").read_text())["epochs_run"] == 1

@@ -3,6 +3,7 @@ report shares without pulling in submitit), the run folders --force moves aside,
 recipe config, and the metrics --status shows."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,34 @@ def test_the_report_reads_a_sweep_without_submitit(tmp_path):
             "assert 'submitit' not in sys.modules, 'submitit imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_launcher_mistakes_are_told_before_the_heavy_imports(tmp_path):
+    """A mistaken profile, cluster key, override or architecture, and a launch without SLURM or
+    --local, are each one line before torch, ffcv, submitit or wandb are imported (issue #21: one
+    line within ~2 s). One fresh process for all five: this one has them all imported."""
+    bin_dir = tmp_path / "bin"  # a PATH without sbatch
+    bin_dir.mkdir()
+    code = f"""
+import sys
+from trainer.launch import main
+for argv in (["--all"], ["--all", "--profile", "nosuch"], ["--all", "-C", "partitionn=gpu"], ["--all", "optim.lr=fast"],
+             ["--arch", "resnet,lenet"]):
+    try:
+        main(["--sweep", "s", "--runs", {str(tmp_path / "runs")!r}, *argv])
+    except SystemExit as e:
+        print("exit", e.code)
+print("heavy:", sorted(m for m in ("torch", "ffcv", "submitit", "wandb") if m in sys.modules))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": str(bin_dir)})
+    assert r.stdout.splitlines() == ["exit 1"] * 5 + ["heavy: []"], r.stdout + r.stderr[-3000:]
+    errors = r.stderr.splitlines()
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors), r.stderr[-3000:]
+    assert [fragment in line for fragment, line in zip(
+        ["no SLURM here", "unknown profile 'nosuch'", "unknown key 'partitionn'", "optim.lr: expected a number",
+         "lenet"], errors)] == [True] * 5, errors
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_folder_replaced_twice_within_a_second_keeps_both_copies(tmp_path):
@@ -106,3 +135,112 @@ def test_status_shows_the_best_of_the_evaluated_epochs(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
     assert _progress(tmp_path) == (1, None)
     assert _progress(tmp_path / "none") == (0, None)
+
+
+# ---- retries (launch.py --retries): what is retried, and what sweep.json records ----------------
+
+
+def _entry(name: str, job_id: str, state: str, error: str | None = None, finished: bool = False,
+           note: str | None = None) -> dict:
+    """A job as --status sees it (status.job_lines), in the fields the retrier reads."""
+    return {"name": name, "job_id": job_id, "state": state, "note": note, "error": error, "finished": finished}
+
+
+def _trace(line: str) -> str:
+    """A failed job's error as submitit reports it: the traceback between two rules."""
+    return ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+            f"last):\n  File \"run.py\", line 1, in train\n{line}\n----------------------\nYou can check full logs")
+
+
+def test_retrier_retries_failures_up_to_the_limit_and_stops_on_the_same_error_twice(tmp_path):
+    """The retrier's decisions on the states a watcher sees, with a real Plan writing a real
+    sweep.json; the jobs' submissions are counted, not run (test_local_slots and test_launch's
+    SLURM test retry real jobs)."""
+    from trainer import sweep_file
+    from trainer.launch import ClusterConfig
+    from trainer.launch.plan import Plan
+    from trainer.launch.retry import Retrier
+    from trainer.sweep_file import Job
+
+    names = ["flaky", "stuck", "lost", "timeout", "summary"]
+    plan = Plan("s", tmp_path, ["resnet9_tiny"], [], ClusterConfig(retries=2), "slurm", "smoke",
+                [Job(n, "resnet9_tiny") for n in names], {n: {"job_id": f"{n}-1", "submitted": "t"} for n in names})
+    submitted = []
+
+    def resubmit(name: str) -> dict:
+        submitted.append(name)
+        return {"job_id": f"{name}-{submitted.count(name) + 1}", "submitted": "t"}
+
+    retrier = Retrier(plan, 2, resubmit)
+    assert retrier.check([_entry("flaky", "flaky-1", "RUNNING"), _entry("timeout", "timeout-1", "TIMEOUT"),
+                          _entry("summary", "summary-1", "FAILED", _trace("OSError: disk full"), finished=True),
+                          _entry("stuck", "stuck-1", "PENDING"), _entry("lost", "lost-1", "CANCELLED")]) is False
+    assert submitted == [] and all("attempts" not in info for info in plan.jobs.values())  # none of these retried
+
+    assert retrier.check([_entry("flaky", "flaky-1", "FAILED", _trace("RuntimeError: NCCL timeout")),
+                          _entry("stuck", "stuck-1", "FAILED", _trace("ValueError: bad config")),
+                          _entry("lost", "lost-1", "NODE_FAIL")]) is True
+    assert submitted == ["flaky", "stuck", "lost"]
+    assert retrier.check([_entry("flaky", "flaky-2", "FAILED", _trace("OSError: disk full")),
+                          _entry("stuck", "stuck-2", "FAILED", _trace("ValueError: bad config")),
+                          _entry("lost", "lost-2", "NODE_FAIL")]) is True
+    assert submitted == ["flaky", "stuck", "lost", "flaky", "lost"]  # stuck: the same error twice
+    # A retried job that wrote its summary is recorded once SLURM has seen it end, not while it exits.
+    retrier.check([_entry("flaky", "flaky-3", "COMPLETING", finished=True)])
+    assert retrier.settling and len(plan.jobs["flaky"]["attempts"]) == 2
+    retrier.check([_entry("flaky", "flaky-3", "COMPLETED", finished=True), _entry("lost", "lost-3", "NODE_FAIL"),
+                   _entry("stuck", "stuck-2", "FAILED", _trace("ValueError: bad config"))])  # seen again: no change
+    assert submitted == ["flaky", "stuck", "lost", "flaky", "lost"]  # lost: its 2 retries used
+
+    jobs = sweep_file.read(tmp_path).jobs  # what was written, read back
+    assert [(a["job_id"], a["state"], a["cause"]) for a in jobs["flaky"]["attempts"]] == [
+        ("flaky-1", "FAILED", "RuntimeError: NCCL timeout"), ("flaky-2", "FAILED", "OSError: disk full"),
+        ("flaky-3", "COMPLETED", None)]
+    assert sweep_file.attempts_text(jobs["flaky"]) == (
+        "3 attempts: 1st FAILED (RuntimeError: NCCL timeout), 2nd FAILED (OSError: disk full), 3rd COMPLETED")
+    assert len(jobs["stuck"]["attempts"]) == 2 and jobs["stuck"]["job_id"] == "stuck-2"
+    assert jobs["stuck"]["not_retried"] == "the same error twice: ValueError: bad config"
+    assert sweep_file.attempts_text(jobs["stuck"]) == ("2 attempts: 1st FAILED (ValueError: bad config), 2nd FAILED "
+                                                       "(ValueError: bad config); not retried: the same error twice")
+    assert [a["state"] for a in jobs["lost"]["attempts"]] == ["NODE_FAIL"] * 3
+    assert sweep_file.attempts_text(jobs["lost"]).endswith("3rd NODE_FAIL; not retried: its 2 retries used")
+    assert jobs["lost"]["not_retried"] == "its 2 retries used"
+    assert all("attempts" not in jobs[n] for n in ("timeout", "summary"))
+
+    assert sweep_file.retried_lines(tmp_path) == [f"- {n}: {sweep_file.attempts_text(jobs[n])}"
+                                                  for n in ("flaky", "stuck", "lost")]
+
+
+def test_a_retry_that_cannot_be_submitted_leaves_the_job_failed_and_the_watch_going(tmp_path):
+    from trainer.launch import ClusterConfig
+    from trainer.launch.plan import Plan
+    from trainer.launch.retry import Retrier
+    from trainer.sweep_file import Job
+
+    def refused(name: str) -> dict:
+        raise RuntimeError("sbatch: error: Batch job submission failed\nmore")
+
+    plan = Plan("s", tmp_path, ["resnet9_tiny"], [], ClusterConfig(retries=2), "slurm", "smoke",
+                [Job("lost", "resnet9_tiny")], {"lost": {"job_id": "7", "submitted": "t"}})
+    assert Retrier(plan, 2, refused).check([_entry("lost", "7", "NODE_FAIL")]) is False
+    assert plan.jobs["lost"]["job_id"] == "7" and [a["state"] for a in plan.jobs["lost"]["attempts"]] == ["NODE_FAIL"]
+    assert plan.jobs["lost"]["not_retried"] == (
+        "its retry could not be submitted (RuntimeError: sbatch: error: Batch job submission failed)")
+
+
+def test_attempts_of_a_job_still_running_and_of_records_from_before_retries():
+    from trainer.sweep_file import attempts_text
+
+    assert attempts_text({"job_id": "7", "submitted": "t"}) is None  # a record from before retries: one attempt
+    assert attempts_text(None) is None
+    info = {"job_id": "8", "attempts": [{"job_id": "7", "state": "FAILED (killed: no result)", "cause": "job 7 ended"}]}
+    assert attempts_text(info) == "2 attempts: 1st FAILED (killed: no result) (job 7 ended), 2nd: job 8, not ended"
+    assert attempts_text({**info, "job_id": None}).endswith("2nd: queued, not ended")
+
+
+def test_cause_line_is_the_exception_line_or_the_first():
+    from trainer.launch.retry import cause_line
+
+    assert cause_line(_trace("trainer.UserError: runs/s/x: not a folder")) == "trainer.UserError: runs/s/x: not a folder"
+    assert cause_line("job 5 ended without writing a result\nlog tail") == "job 5 ended without writing a result"
+    assert cause_line(None) is None and cause_line("") is None

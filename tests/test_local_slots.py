@@ -7,14 +7,16 @@ import json
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from test_launch import launch, sweep_record
+from test_launch import launch, remove_after_first_failure, sweep_record
 
 
 def cluster(**values):
@@ -142,7 +144,7 @@ def test_runner_keeps_two_gpu_jobs_on_their_own_gpus(tmp_path):
     names = [f"job{i}" for i in range(5)]
 
     def start(name, devices):
-        return local_executor(tmp_path / "submitit" / "%j", c, devices).submit(_record_task, out, name, 1.5)
+        return local_executor(tmp_path / "submitit", c, devices).submit(_record_task, out, name, 1.5)
 
     runner = LocalRunner(SlotQueue(slots, names), start)
     deadline = time.monotonic() + 120
@@ -192,9 +194,9 @@ def test_local_sweep_of_three_jobs_on_two_gpus(beton_dir, tmp_path):
     jobs = {}
     for name in names:
         job_id = record["jobs"][name]["job_id"]
-        log = (tmp_path / f"here/submitit/{job_id}/{job_id}_0_log.out").read_text()
+        log = (tmp_path / f"here/submitit/{job_id}_0_log.out").read_text()
         start = datetime.strptime(STARTED.search(log).group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        end = (tmp_path / f"here/submitit/{job_id}/{job_id}_0_result.pkl").stat().st_mtime
+        end = (tmp_path / f"here/submitit/{job_id}_0_result.pkl").stat().st_mtime
         devices = DEVICES.search(log).group(1)
         assert devices in ("0", "1") and record["jobs"][name]["devices"] == [int(devices)]
         jobs[name] = (devices, start, end)
@@ -212,3 +214,121 @@ def test_local_sweep_of_three_jobs_on_two_gpus(beton_dir, tmp_path):
 
     status = launch("--status", "here", "--runs", tmp_path, env=env)
     assert status.returncode == 0 and status.stdout.count("FINISHED") == 3
+    assert [p for p in tmp_path.rglob("*") if "%" in p.name] == []  # no literal submitit/%j/ folder
+
+
+def _task(out: Path, seconds: float, fail: bool) -> None:
+    """A job of its own process: says which it is, sleeps, then returns or raises."""
+    (out / f"{os.environ['SUBMITIT_LOCAL_JOB_ID']}.pid").write_text(str(os.getpid()))
+    time.sleep(seconds)
+    if fail:
+        raise ValueError("the job's own error")
+
+
+def test_a_local_job_is_finished_failed_or_running_as_its_process_ended(tmp_path):
+    """submitit's local controller ends normally whatever its task did, and its state then says
+    FINISHED; the launcher reads the job's result instead: a return, an exception, or none at all
+    (the task was killed)."""
+    import cloudpickle
+
+    from trainer.launch import local_executor
+    from trainer.launch.state import job_state, submitit_folder
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the jobs cannot import this test module
+    ex = local_executor(submitit_folder("local", tmp_path), cluster(time_min=5), ())
+    ok, bad, killed = (ex.submit(_task, tmp_path, seconds, fail)
+                       for seconds, fail in ((0, False), (0, True), (600, False)))  # returns, raises, is killed
+    deadline = time.monotonic() + 120
+    while not (tmp_path / f"{killed.job_id}.pid").exists() or not (ok.done() and bad.done()):
+        assert time.monotonic() < deadline, "the jobs did not start"
+        time.sleep(0.1)
+
+    finished = job_state("local", tmp_path, ok.job_id)
+    assert (finished.text(), finished.error) == ("FINISHED", None)
+    failed = job_state("local", tmp_path, bad.job_id)
+    assert failed.text() == "FAILED" and "ValueError: the job's own error" in failed.error
+    running = job_state("local", tmp_path, killed.job_id)
+    assert (running.text(), running.error) == (f"RUNNING (local process {killed.job_id})", None)
+
+    os.kill(int((tmp_path / f"{killed.job_id}.pid").read_text()), signal.SIGKILL)  # as the OOM killer would
+    while not killed.done():
+        assert time.monotonic() < deadline, "the controller did not end"
+        time.sleep(0.1)
+    gone = job_state("local", tmp_path, killed.job_id)
+    assert gone.text() == "FAILED (killed: no result)"
+    assert gone.error.startswith(f"job {killed.job_id} ended without writing a result: its process was killed")
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["submitit"]
+    assert all(p.is_file() for p in (tmp_path / "submitit").iterdir())  # no literal submitit/%j/ folder
+
+
+@pytest.mark.slow  # two jobs, each a process that imports torch, one after the other
+def test_a_local_job_that_fails_is_failed_in_every_view(beton_dir, tmp_path):
+    """A real failure of the trainer (its run folder is a file), once labelled FINISHED: FAILED in
+    the progress line (while the next job runs), the table, --status and the exit code."""
+    sweep = tmp_path / "bad"
+    sweep.mkdir()
+    names = ["resnet9_tiny-s0", "resnet9_tiny-s1"]
+    for name in names:
+        (sweep / name).write_text("a file where the run folder goes\n")
+    r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--seeds", "2", "--local", "-C", "array_parallelism=1",
+               "--sweep", "bad", "--runs", tmp_path, f"data.dir={beton_dir}", "logging.mode=disabled")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"\] resnet9_tiny-s0:FAILED@0  resnet9_tiny-s1:RUNNING@0$", r.stdout, re.MULTILINE), r.stdout
+    table = r.stdout[r.stdout.index("sweep bad (local"):]
+    assert all(re.search(rf"^  {n}\s+FAILED\s", table, re.MULTILINE) for n in names), table
+    assert "FINISHED" not in r.stdout and "DONE" not in r.stdout
+    assert f"not finished: {', '.join(names)}" in r.stdout
+    jobs = sweep_record(tmp_path, "bad")["jobs"]
+    assert all("attempts" not in jobs[n] for n in names)  # --retries 0, the default: each job ran once
+    assert ": attempt 1 FAILED" not in r.stdout and "not retried" not in r.stdout
+
+    status = launch("--status", "bad", "--runs", tmp_path)
+    assert status.returncode == 1 and "FINISHED" not in status.stdout
+    assert all(re.search(rf"^  {n}\s+FAILED\s", status.stdout, re.MULTILINE) for n in names), status.stdout
+    assert status.stdout.count("failed:\nJob (task=0) failed during processing") == 2  # each job's traceback
+    assert [p for p in tmp_path.rglob("*") if "%" in p.name] == []  # no literal submitit/%j/ folder
+
+
+@pytest.mark.slow  # four attempts, each a process that imports torch; one of them trains (seconds)
+def test_a_failed_local_job_is_retried_and_the_same_error_twice_is_not(beton_dir, tmp_path):
+    """Two jobs whose first attempts fail, a file standing where their run folders go: one file is
+    removed once that failure is written (remove_after_first_failure), and the retry trains the run;
+    the other stays, the second attempt fails with the same error line, and --retries 3 leaves it
+    at that."""
+    sweep = tmp_path / "retry"
+    sweep.mkdir()
+    healed, stuck = "resnet9_tiny-s0", "resnet9_tiny-s1"
+    for name in (healed, stuck):
+        (sweep / name).write_text("a file where the run folder goes\n")
+    stop = threading.Event()
+    repair = threading.Thread(target=remove_after_first_failure, args=(sweep, healed, stop))
+    repair.start()
+    try:
+        r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--seeds", "2", "--local", "--retries", "3",
+                   "--sweep", "retry", "--runs", tmp_path, f"data.dir={beton_dir}", "logging.mode=disabled")
+    finally:
+        stop.set()
+        repair.join()
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # one job stayed failed
+    jobs = sweep_record(tmp_path, "retry")["jobs"]
+
+    first, second = jobs[healed]["attempts"]
+    assert first["state"] == "FAILED" and str(sweep / healed) in first["cause"], first
+    assert (second["state"], second["cause"], second["job_id"]) == ("FINISHED", None, jobs[healed]["job_id"])
+    assert json.loads((sweep / healed / "summary.json").read_text())["epochs_run"] == 1
+
+    once, twice = jobs[stuck]["attempts"]  # not a third, with --retries 3
+    assert once["state"] == twice["state"] == "FAILED" and once["cause"] == twice["cause"]
+    assert once["job_id"] != twice["job_id"] == jobs[stuck]["job_id"]
+    assert jobs[stuck]["not_retried"] == f"the same error twice: {once['cause']}"
+    assert f"{stuck}: not retried: the same error twice: {once['cause']}" in r.stdout
+    assert r.stdout.count(": attempt 1 FAILED: ") == 2 and ": attempt 2 FAILED: " not in r.stdout
+
+    healed_text = f"2 attempts: 1st FAILED ({first['cause']}), 2nd FINISHED"
+    table = r.stdout[r.stdout.index("sweep retry (local"):]
+    assert re.search(rf"^  {healed}\s+FINISHED\s", table, re.MULTILINE) and healed_text in table, table
+    assert f"- {healed}: {healed_text}" in (sweep / "report.md").read_text()  # the report names the attempts too
+    status = launch("--status", "retry", "--runs", tmp_path)
+    assert status.returncode == 1 and healed_text in status.stdout
+    assert (f"2 attempts: 1st FAILED ({once['cause']}), 2nd FAILED ({once['cause']}); not retried: the same error "
+            "twice") in status.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO
 from trainer import models
 from trainer.models.__main__ import within_target
 from trainer.models.flops import count_params
@@ -85,7 +87,7 @@ def test_unknown_name_lists_valid_names() -> None:
 
 def test_duplicate_registration_raises() -> None:
     with pytest.raises(models.DuplicateModelError, match="resnet"):
-        models.REGISTRY.register("resnet", models.resnet.resnet, seed_row=None, params_target=1.0)
+        models.REGISTRY.register("resnet", "trainer.models.resnet:resnet", seed_row=None, params_target=1.0)
     assert models.spec("resnet").seed_row == "ResNet"  # the failed call changed nothing
 
     registry = models.Registry()
@@ -93,6 +95,29 @@ def test_duplicate_registration_raises() -> None:
     with pytest.raises(ValueError, match="tiny"):
         registry.register("tiny", lambda num_classes=10: nn.Linear(4, num_classes), seed_row=None, params_target=0.0)
     assert registry.names() == ["tiny"]
+
+
+def test_the_registry_is_read_without_torch() -> None:
+    """Every command checks its input against the registry: that must not wait for torch (issue #21)."""
+    code = ("import sys; from trainer import models; "
+            "print(models.names()); print(models.seed_names()); "
+            "print(models.REGISTRY['resnet'].params_target, models.spec('resnet9_tiny').recipe); "
+            "print(models.parse_names('resnet,vgg_bn', '--arch'), models.seed_row('alexnet')[0]); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.splitlines() == [
+        str(NAMES), str(sorted(EXPECTED_SEED)), "21.2 tiny.yaml", "['resnet', 'vgg_bn'] AlexNet", "[]"]
+
+
+def test_each_constructor_path_names_its_function() -> None:
+    for name in NAMES:
+        spec = models.spec(name)
+        module, function = spec.source.split(":")
+        assert (spec.constructor.__module__, spec.constructor.__name__) == (module, function), name
+    assert models.resnet9.resnet9_tiny is models.spec("resnet9_tiny").constructor  # the modules stay attributes
+    with pytest.raises(ValueError, match="'package.module:function'"):
+        models.Registry().register("linear", "trainer.models.linear", seed_row=None, params_target=0.0)
 
 
 def test_num_classes_is_passed_through() -> None:

@@ -74,7 +74,11 @@ def write_code_pickle(path: Path, marker: Path) -> None:
     ("data.batch_size=100000", "exceeds the 3000 training images"),
     ("model.arch=resnet9", "holds a 'resnet9_tiny' run, not 'resnet9'"),  # another architecture's config
     ("model.activation=gelu", "began with model.activation='relu'"),  # would load: GELU has no weights
-    ("optim.bias_lr_mult=2", "optimizer state does not fit this config"),  # another set of parameter groups
+    ("optim.bias_lr_mult=2", "began with optim.bias_lr_mult=1.0 (now 2.0)"),  # another set of parameter groups
+    # #22: what the run trains on, its recipe and its seed stay as the run began (config.yaml says so)
+    ("optim.lr=0.5", "began with optim.lr="),
+    ("train.seed=7", "began with train.seed=0 (now 7); a resumed run trains as it began"),
+    ("data.cutout=4", "began with data.cutout=0 (now 4)"),
 ])
 def test_a_failed_command_changes_nothing_in_the_run_folder(run_dir, beton_dir, bad, message):
     from trainer import UserError
@@ -320,3 +324,24 @@ def test_the_report_refuses_a_best_checkpoint_that_runs_code_in_one_line(run_dir
         load_best(read_run("tiny", run_dir), torch.device("cpu"))
     assert str(e.value) == f"{best}: unusable ({WEIGHTS_ONLY})"
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_raw_pickle_is_refused_in_one_line_without_torchs_protocol_warning(run_dir, tmp_path, capsys):
+    # #22: a pickle.dump()ed file (not torch.save's zip) drew torch's pickle-protocol warning: 3 lines.
+    import pickle
+    import warnings
+
+    from trainer.training import checkpoint
+
+    marker = tmp_path / "code-ran"
+    last = run_dir / "checkpoints/last.pt"
+    last.write_bytes(pickle.dumps({"arch": "resnet9_tiny", "model": RunsCode(marker)}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:  # as a command shows them, on its stderr
+        warnings.simplefilter("always")
+        state = checkpoint.load_latest(run_dir / "checkpoints")
+    assert state is not None and state["epoch"] == 1  # prev.pt
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    (warning,) = error_lines(err)
+    assert warning.startswith(f"warning: {last} is unreadable (not a weights-only checkpoint")
+    assert not marker.exists()

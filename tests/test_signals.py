@@ -100,3 +100,27 @@ def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(two_rank_run):
     assert f"stopped by signal SIGUSR2 in epoch {epoch + 1} at step {step}" in two_rank_run.paused.stdout
     stopped = two_rank_run.paused_state
     assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (epoch, step, SIGNALLED_STEP)
+
+
+def test_ctrl_c_stops_with_a_checkpoint_like_sigterm_and_a_second_one_interrupts(beton_dir, tmp_path, monkeypatch):
+    # #22: Ctrl-C mid-epoch used to end the run with no checkpoint (KeyboardInterrupt); SIGTERM saved one.
+    from conftest import EVERY_STEP, signal_at_step, small_run_args
+    from helpers import run_main
+    from trainer.training.stopping import StopSignal
+
+    run_dir = tmp_path / "run"
+    signal_at_step(monkeypatch, 7, signal.SIGINT)
+    r = run_main("trainer", *small_run_args(beton_dir, "train.epochs=1"), EVERY_STEP, "--run-dir", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "stopped by signal SIGINT in epoch 1 at step 7; checkpoint saved" in r.stdout
+    saved = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert (saved["epoch"], saved["epoch_step"], saved["global_step"]) == (0, 7, 7)
+    assert not (run_dir / "summary.json").exists()
+
+    # Pressed twice, it interrupts at once (cli.run then prints "interrupted" and exits 130).
+    stop = StopSignal()
+    with stop.catching():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

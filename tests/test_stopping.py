@@ -4,6 +4,7 @@ import signal
 from dataclasses import replace
 
 import pytest
+import torch
 
 from trainer.config import TrainConfig
 from trainer.training.budget import Plan
@@ -49,6 +50,29 @@ def test_a_budget_ends_the_run_at_its_plans_step_not_by_the_clock():
     assert reason(Progress(epoch=1, global_step=100, elapsed_s=1e9), BUDGET) is None  # no plan fitted yet
 
 
+def test_a_budgets_time_up_ends_the_run_where_the_clock_ended_its_plan():
+    ended = PLAN.ended(at_step=180, elapsed_s=58.5, steps_per_epoch=100)
+    assert ended.total_steps == 180 and ended.epochs == 1.8 and ended.time_up_at_s == 58.5
+    stop = should_stop(Progress(epoch=2, global_step=180, elapsed_s=59.7, plan=ended), BUDGET)
+    assert stop.reason is Reason.BUDGET_TIME_UP and stop.ends_run
+    assert stop.message.startswith("budget: time up at step 180: 58.5 s of train.budget_s=60 ")
+    # Mid-epoch (a resumed pause) it waits for the epoch's end like every reason but a signal.
+    assert reason(Progress(epoch=1, epoch_step=80, global_step=180, plan=ended), BUDGET) is None
+
+
+def test_the_stop_check_agrees_on_the_clock_too():
+    from trainer.training.stopping import StopCheck
+
+    check = StopCheck(1.0, torch.device("cpu"))
+    assert check.due()
+    assert check.agree(None, elapsed_s=12.5) is None and check.slowest_elapsed_s == 12.5
+    assert check.ahead_s == 1.0  # a quick step: the next check comes within the bound
+    check.due()
+    check.since -= 3.0  # a step of 3 s: the next check may come that much later
+    assert check.agree(signal.SIGUSR2) == signal.SIGUSR2 and check.slowest_elapsed_s == 0.0
+    assert check.ahead_s == pytest.approx(3.0, abs=0.5)
+
+
 def test_stop_after_epoch_pauses_the_run():
     stop = should_stop(Progress(epoch=2), CFG, stop_after_epoch=2)
     assert stop.reason is Reason.STOP_AFTER_EPOCH and not stop.ends_run
@@ -76,6 +100,8 @@ def test_mid_epoch_only_a_signal_stops():
         # Reasons that end the run come before those that pause it...
         (Progress(epoch=4, bad_epochs=3, elapsed_s=100.0), {"signum": signal.SIGTERM}, Reason.PATIENCE),
         (Progress(epoch=3, global_step=250, plan=PLAN), {"stop_after_epoch": 3}, Reason.BUDGET_PLAN_DONE),
+        (Progress(epoch=2, global_step=180, plan=PLAN.ended(180, 58.5, 100)), {"signum": signal.SIGTERM},
+         Reason.BUDGET_TIME_UP),
         # ...but a requested stop at the last epoch pauses (the summary comes with the next start).
         (Progress(epoch=10), {"stop_after_epoch": 10}, Reason.STOP_AFTER_EPOCH),
         (Progress(epoch=10), {"signum": signal.SIGUSR2}, Reason.SIGNAL),
@@ -102,6 +128,7 @@ def test_eval_every_evaluates_its_epochs_and_every_end_of_the_run():
     # Whatever ends the run: its epochs trained, its budget plan done (possibly mid-epoch).
     assert evaluates(Progress(epoch=3, global_step=250, plan=PLAN), replace(once, budget_s=60.0))
     assert not evaluates(Progress(epoch=2, global_step=200, elapsed_s=1e9, plan=PLAN), replace(once, budget_s=60.0))
+    assert evaluates(Progress(epoch=2, global_step=180, plan=PLAN.ended(180, 58.5, 100)), replace(once, budget_s=60.0))
     # A pause is no end: the paused epoch is saved (last.pt), not evaluated.
     assert not evaluates(Progress(epoch=1), once)
     with pytest.raises(ValueError, match="eval_every: early stopping"):

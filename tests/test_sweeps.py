@@ -89,7 +89,9 @@ def test_point_names_are_safe_and_distinct():
     "overrides, fragment",
     [
         (["optim.lr=0.1,"], "'optim.lr=0.1,': an empty value in a comma list"),
-        (["optim.lr=0.1,0.1"], "'optim.lr=0.1,0.1': a value given twice"),
+        (["optim.lr=0.1,0.1"], "'optim.lr=0.1,0.1': the value 0.1 given twice"),
+        (["optim.lr=0.1,0.10,1e-1"], "the value 0.1 given twice in a comma list (as the config reads it)"),  # #22
+        (["logging.tags=[a],[ a ]"], "given twice"),
         (["optim.lr=0.1,0.2", "optim.lr=0.3"], "optim.lr: given twice (once as a comma list)"),
     ],
 )
@@ -191,6 +193,15 @@ def test_more_than_fifty_jobs_need_yes(beton_dir, tmp_path):
     assert "56 jobs: more than 50; submitting them needs --yes" in r.stdout and len(srun_commands(r.stdout)) == 56
 
 
+def test_a_sweep_of_more_than_a_thousand_jobs_is_refused_even_with_yes(beton_dir, tmp_path):
+    # #22: --seeds 200000 had no cap (1.4 million jobs listed before any check).
+    r = launch("--all", "--local", "--seeds", "200000", "--yes", "--runs", str(tmp_path), f"data.dir={beton_dir}")
+    assert r.returncode == 1 and r.stderr == (
+        "error: 1400000 jobs (7 architecture(s) x 1 grid point(s) x 200000 seed(s)): one sweep holds at most 1000 "
+        "(a SLURM job array's default MaxArraySize); split it into several sweeps\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_seeds_and_a_seed_override_exclude_each_other(beton_dir, tmp_path):
     r = launch("--arch", "resnet9_tiny", "--local", "--seeds", "2", "--runs", str(tmp_path), f"data.dir={beton_dir}",
                "train.seed=3")
@@ -264,7 +275,7 @@ def test_report_gives_mean_std_and_interval_over_seeds(two_seeds):
     assert "## Over seeds" in report and line in report and line in r.stdout
     assert "Fewer than two architectures have an interval" in report  # one architecture: nothing to compare
     assert sorted(p.name for p in (sweep / "plots").iterdir()) == ["acc_vs_params.png", "acc_vs_seconds.png",
-                                                                   "test_acc_curves.png"]
+                                                                   "test_acc_curves.png", "train_loss_steps.png"]
 
 
 @pytest.mark.slow

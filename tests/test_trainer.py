@@ -160,7 +160,7 @@ def test_eval_every_evaluates_and_saves_only_its_epochs_and_resumes_exactly(smal
     (tmp_path / "report/resnet9_tiny").parent.mkdir()
     (tmp_path / "report/resnet9_tiny").symlink_to(run_dir)
     report = make_report(tmp_path / "report", deploy=False, use_ensemble=False, wandb_mode="disabled", out=print)
-    assert report.rows[0]["status"] == "finished" and len(list((tmp_path / "report/plots").glob("*.png"))) == 3
+    assert report.rows[0]["status"] == "finished" and len(list((tmp_path / "report/plots").glob("*.png"))) == 4
     record_result(run_dir, tmp_path / "recorded", monkeypatch)
     assert f"| 1 | {rows[0]['train_acc']:.2f} | - |" in (tmp_path / "recorded/README.md").read_text()
 
@@ -192,10 +192,21 @@ def test_truncated_last_checkpoint_falls_back_to_previous_and_resumes_exactly(sm
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(paused_after_2, tmp_path):
+def test_nonfinite_loss_stops_with_message_and_keeps_checkpoints(paused_after_2, tmp_path, monkeypatch):
+    from trainer.training.trainer import Trainer
+
     run_dir = copy_of(paused_after_2, tmp_path)
     best_before = (run_dir / "checkpoints/best.pt").read_bytes()
-    r = trainer("--run-dir", str(run_dir), "optim.lr=1e6")  # an absurd learning rate from epoch 3 on
+    train_step = Trainer._train_step
+
+    def poisoned(self, *args, **kwargs):  # weights gone to NaN in epoch 3 (a resume may not change optim.lr)
+        train_step(self, *args, **kwargs)
+        if self.progress.global_step == 63:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "_train_step", poisoned)
+    r = trainer("--run-dir", str(run_dir))
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: non-finite training loss at epoch 3, step "), r.stderr

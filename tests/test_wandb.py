@@ -68,3 +68,44 @@ def test_launcher_status_shows_where_each_run_is_on_wandb(trained_tiny_run, tmp_
     assert _wandb_link(online) == "https://wandb.ai/u/p/runs/x"
     (online / "wandb.json").write_text('{"id": "x", "mo')  # cut short
     assert _wandb_link(online) is None and _wandb_link(tmp_path / "none") is None
+
+
+def test_online_wandb_without_an_answer_logs_offline_after_the_init_timeout(tmp_path, monkeypatch, capsys):
+    # #22: with a key and no network, wandb.init waited its own 90 s before the run started. Here a
+    # server that accepts connections and never answers stands in for the unreachable W&B.
+    import socket
+    import threading
+
+    from conftest import FAKE_WANDB_KEY
+    from helpers import SMALL
+    from trainer.config import load_config
+    from trainer.logger import RunLogger
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def hold_connections() -> None:
+        try:
+            while True:
+                held.append(server.accept())
+        except OSError:  # closed at the test's end
+            pass
+
+    threading.Thread(target=hold_connections, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    cfg = load_config(SMALL, ["logging.mode=online", "logging.init_timeout_s=2"])
+    started = time.monotonic()
+    logger = RunLogger(tmp_path, cfg, None, 0)
+    waited = time.monotonic() - started
+    logger.log_epoch({"epoch": 1, "test_acc": 50.0})
+    logger.finish()
+    server.close()
+    out = capsys.readouterr().out
+    assert "warning: W&B did not start online within logging.init_timeout_s=2 (CommError: " in out
+    assert "logging offline instead" in out and "wandb sync" in out
+    record = json.loads((tmp_path / "wandb.json").read_text())
+    assert record["mode"] == "offline" and Path(record["offline_dir"]).is_dir()
+    assert waited < 60, waited  # bounded by the setting, not wandb's 90 s (a loose bound: a shared machine)

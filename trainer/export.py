@@ -1,4 +1,5 @@
-"""Export a trained network out of the project: ONNX, safetensors or TorchScript, from a run's best.pt.
+"""Export a trained network out of the project: ONNX, safetensors or TorchScript, from a run's best.pt;
+and load a safetensors export back.
 
     python -m trainer.export RUN_DIR --format onnx|safetensors|torchscript --out FILE [--force]
 
@@ -6,55 +7,79 @@
   deployment needs. Input: float32 RGB images, NCHW, pixel values 0-255 (shape N x 3 x 32 x 32,
   any N); output: the 10 class logits (CIFAR-10 label order). The ONNX file is checked against
   the PyTorch network with onnxruntime before it is kept.
-- safetensors: the network's weights alone (the state_dict of `trainer.models.options.build` of the
-  `model` metadata, the run's model section: `trainer.models.build(arch)` when it sets no option;
-  load them with strict=True), with the architecture, epoch, accuracy and normalisation as metadata.
-  Inputs must then be normalised as the metadata says.
+- safetensors: the network's weights alone, with the architecture, the run's model section (the
+  `model` metadata: whitening, GELU, output stride... change the layout), epoch, accuracy and
+  normalisation as metadata. `load(path)` rebuilds the network from that metadata and loads the
+  weights with strict=True; inputs must then be normalised as the metadata says.
 
 The file is written atomically and an existing FILE is kept unless --force is given.
+
+torch, onnx and safetensors are imported inside the functions that use them: a mistaken command
+line is one line at once, not after seconds of imports (issue #21).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
+from trainer import UserError, cli
+from trainer.files import atomic_path
+from trainer.run_files import CHECKPOINTS
 
-from trainer import UserError, cli, provenance, run_files
-from trainer.data.cifar10 import MEAN, SIDE, STD
-from trainer.models import options as model_options
-from trainer.training import checkpoint
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 # How close the ONNX file's logits must be to PyTorch's (float32 on the CPU: rounding only).
 ONNX_TOLERANCE = 1e-3
 
 
-class Deployable(nn.Module):
-    """The network with the loader's normalisation in front: pixels 0-255 in, logits out."""
+@functools.cache
+def _deployable_class() -> type:
+    # Made on first use, so that importing this module does not import torch.
+    import torch
+    from torch import nn
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor([255 * m for m in MEAN]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([255 * s for s in STD]).view(1, 3, 1, 1))
+    from trainer.data.cifar10 import MEAN, STD
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images - self.mean) / self.std)
+    class Deployable(nn.Module):
+        """The network with the loader's normalisation in front: pixels 0-255 in, logits out."""
+
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor([255 * m for m in MEAN]).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor([255 * s for s in STD]).view(1, 3, 1, 1))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.net((images - self.mean) / self.std)
+
+    return Deployable
+
+
+def deployable(net: nn.Module) -> nn.Module:
+    """`net` with the loader's normalisation in front, in eval mode: float32 pixels 0-255 in, logits
+    out. What the ONNX and TorchScript files hold."""
+    return _deployable_class()(net).eval()
 
 
 def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
     """The best network of a run folder (eval mode, float32, CPU) and its best.pt record."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a run folder (no such folder)")
+    from trainer import run_files
+    from trainer.models import options as model_options
+    from trainer.training import checkpoint
+
     path = run_dir / run_files.CHECKPOINTS / checkpoint.BEST
     if not path.exists():
         raise UserError(f"{path}: no such file; export needs a run that finished at least one epoch")
@@ -67,8 +92,58 @@ def load_run(run_dir: Path) -> tuple[nn.Module, dict]:
     return net.float().eval(), state
 
 
+def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, str]]:
+    """The network a safetensors export holds, as it was trained, and the file's metadata.
+
+    The network is built from the `model` metadata (the run's model section; files without it, from
+    before it was written: the architecture as defined) and its weights are loaded with strict=True:
+    float32, on the CPU, in eval mode. The metadata are strings: `mean` and `std` are JSON lists in
+    pixel units (0-255), what the inputs are normalised with; `arch`, `epoch`, `test_acc`, `git_sha`
+    say what it is. ONNX and TorchScript exports are not read here: they are whole inference
+    functions, for onnxruntime and torch.jit.load. A file that is not a safetensors export of this
+    project is a UserError naming it."""
+    from trainer.config import ModelConfig
+    from trainer.models import options as model_options
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    meta, weights = _read_safetensors(path)
+    if "arch" not in meta:
+        raise UserError(f"{path}: a safetensors file without this project's metadata (no 'arch'); "
+                        f"load() reads what `python -m trainer.export --format safetensors` writes")
+    arch = meta["arch"]
+    try:
+        saved = json.loads(meta["model"]) if "model" in meta else {"arch": arch}
+        net = model_options.build(ModelConfig(**saved))
+        net.load_state_dict(weights, strict=True)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    except Exception as e:  # metadata of another version, or weights of another layout
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: does not load into {arch} as its metadata describes it ({first})") from None
+    return net.float().eval(), meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        from safetensors import safe_open
+    except ModuleNotFoundError:
+        raise UserError("loading a safetensors export needs the package safetensors: "
+                        "pip install 'cifar-infinity[export]'") from None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors' own error type for a foreign or cut file
+        raise UserError(f"{path}: not a safetensors file ({str(e).strip() or type(e).__name__}); ONNX exports run "
+                        f"with onnxruntime, TorchScript ones load with torch.jit.load") from None
+
+
 def metadata(state: dict) -> dict[str, str]:
     """What a file needs to be used and trusted later: the network, its score, the input contract."""
+    from trainer import provenance
+    from trainer.data.cifar10 import MEAN, STD
+
     return {
         "arch": state["arch"],
         # The model options (whitening, GELU, output stride...) change the layout: rebuild with them.
@@ -84,6 +159,10 @@ def metadata(state: dict) -> dict[str, str]:
 
 
 def sample_images(n: int = 8, seed: int = 0) -> torch.Tensor:
+    import torch
+
+    from trainer.data.cifar10 import SIDE
+
     return torch.randint(0, 256, (n, 3, SIDE, SIDE), generator=torch.Generator().manual_seed(seed)).float()
 
 
@@ -96,22 +175,24 @@ def write_safetensors(net: nn.Module, state: dict, out: Path) -> None:
 
 
 def write_torchscript(net: nn.Module, state: dict, out: Path) -> None:
-    deployable = Deployable(net).eval()
+    import torch
+
     # torch deprecates TorchScript in favour of torch.export, but LibTorch (C++) and older serving
     # stacks load only TorchScript; the warning says nothing a user of this command can act on.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-        scripted = torch.jit.trace(deployable, sample_images(2), check_trace=True)
+        scripted = torch.jit.trace(deployable(net), sample_images(2), check_trace=True)
     scripted.save(str(out), _extra_files={"metadata.json": json.dumps(metadata(state))})
 
 
 def write_onnx(net: nn.Module, state: dict, out: Path) -> None:
     import onnx
+    import torch
 
-    deployable = Deployable(net).eval()
+    full = deployable(net)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        program = torch.onnx.export(deployable, (sample_images(2),), input_names=["images"], output_names=["logits"],
+        program = torch.onnx.export(full, (sample_images(2),), input_names=["images"], output_names=["logits"],
                                     dynamic_shapes={"images": {0: batch}}, dynamo=True, verbose=False)
     program.save(str(out))
     model = onnx.load(str(out))
@@ -119,20 +200,21 @@ def write_onnx(net: nn.Module, state: dict, out: Path) -> None:
     for key, value in metadata(state).items():
         model.metadata_props.add(key=key, value=value)
     onnx.save(model, str(out))
-    check_onnx(deployable, out)
+    check_onnx(full, out)
 
 
-def check_onnx(deployable: nn.Module, path: Path, images: torch.Tensor | None = None) -> float:
+def check_onnx(full: nn.Module, path: Path, images: torch.Tensor | None = None) -> float:
     """Runs the ONNX file with onnxruntime on `images` (default: random pixels, batch 8, so the
-    dynamic batch is exercised too) and returns the largest difference from PyTorch's logits;
-    raises if it exceeds ONNX_TOLERANCE."""
+    dynamic batch is exercised too) and returns the largest difference from the logits of `full`
+    (a `deployable`); raises if it exceeds ONNX_TOLERANCE."""
     import onnxruntime
+    import torch
 
     images = sample_images() if images is None else images
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"images": images.numpy()})
     with torch.no_grad():
-        expected = deployable(images)
+        expected = full(images)
     diff = float((torch.from_numpy(got) - expected).abs().max())
     if not diff <= ONNX_TOLERANCE:
         raise UserError(f"{path}: onnxruntime's logits differ from PyTorch's by {diff:.2e} "
@@ -152,12 +234,13 @@ def export(run_dir: Path, fmt: str, out: Path, force: bool = False) -> Path:
         raise UserError(f"{out}: exists; pass --force to replace it")
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the file to write")
+    checkpoints = (run_dir / CHECKPOINTS).resolve()
+    if out.resolve().parent == checkpoints:  # --force onto best.pt would replace the run's own weights
+        raise UserError(f"{out}: inside the run's {CHECKPOINTS}/ folder, which the trainer owns; write the export "
+                        "elsewhere")
     net, state = load_run(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # Written atomically, with the umask's permissions (a deployment file other users can read).
+    with atomic_path(out) as tmp:
         try:
             WRITERS[fmt](net, state, tmp)
         except UserError:
@@ -167,9 +250,6 @@ def export(run_dir: Path, fmt: str, out: Path, force: bool = False) -> Path:
         except Exception as e:  # an exporter that cannot take an operator of this network
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot export {state['arch']} to {fmt}: {first}") from None
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -183,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> int:
         out = export(args.run_dir, args.format, args.out, args.force)
+        from trainer import run_files
+        from trainer.training import checkpoint
+
         print(f"wrote {out} ({args.format}, {out.stat().st_size / 2**20:.1f} MiB) from "
               f"{args.run_dir / run_files.CHECKPOINTS / checkpoint.BEST}")
         return 0

@@ -1,4 +1,4 @@
-"""Run logging: console, the run folder's metrics.jsonl, and Weights & Biases — on rank 0 only.
+"""Run logging: console, the run folder's metrics.jsonl and steps.jsonl, and Weights & Biases — on rank 0 only.
 
 `make_logger` gives rank 0 a RunLogger and every other rank a NullLogger with the same methods
 doing nothing, so the training loop calls the logger unconditionally and never branches on rank.
@@ -19,7 +19,7 @@ from typing import Any
 
 from trainer.config import Config, to_dict
 from trainer.files import write_text_atomic
-from trainer.run_files import METRICS, WANDB, read_metrics
+from trainer.run_files import METRICS, STEPS, WANDB, read_metrics
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -46,7 +46,7 @@ class NullLogger:
     def info(self, message: str) -> None:
         pass
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+    def log_step(self, step: int, metrics: dict[str, float], epoch: float | None = None) -> None:
         pass
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
@@ -65,7 +65,9 @@ class NullLogger:
 class RunLogger(NullLogger):
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None, resume_epoch: int) -> None:
         self.metrics_path = run_dir / METRICS
+        self.steps_path = run_dir / STEPS
         self._keep_epochs_up_to(resume_epoch)
+        self._end_torn_step_line()
         self.wandb_run = self._start_wandb(run_dir, cfg, run_id)
         self.run_id = self.wandb_run.id if self.wandb_run is not None else run_id
         if self.wandb_run is not None:
@@ -87,6 +89,16 @@ class RunLogger(NullLogger):
         if skipped or len(kept) != len(rows) or unterminated:
             write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def _end_torn_step_line(self) -> None:
+        """A steps.jsonl line cut short by a crash is ended, so that the next point is not glued to
+        it: the readers skip the torn line alone. Steps logged after the checkpoint stay: their
+        re-trained points come again, and the readers keep a step's last line."""
+        if self.steps_path.exists():
+            text = self.steps_path.read_bytes()
+            if text and not text.endswith(b"\n"):
+                with self.steps_path.open("ab") as f:
+                    f.write(b"\n")
+
     def _start_wandb(self, run_dir: Path, cfg: Config, run_id: str | None):
         self.mode = resolve_wandb_mode(cfg.logging.mode)
         if self.mode == "disabled":
@@ -94,34 +106,49 @@ class RunLogger(NullLogger):
         try:
             import wandb
 
-            run = wandb.init(
-                project=cfg.logging.project,
-                group=cfg.logging.group,
-                job_type="train",
-                name=run_dir.name,
-                tags=list(dict.fromkeys([cfg.model.arch, *cfg.logging.tags])),
-                config={"arch": cfg.model.arch, **to_dict(cfg)},
-                dir=str(run_dir),
-                id=run_id,
-                resume="allow",
-                mode=self.mode,
-                # console capture: the run page shows the log (output.log offline); quiet: the
-                # link is printed by _announce, once, rather than wandb's banner on every start
-                settings=wandb.Settings(console="auto", quiet=True, silent=True),
-            )
-            # Epoch is the x-axis of the per-epoch charts; the dashboard keeps the best test and
-            # validation accuracies.
-            run.define_metric("epoch")
-            for prefix in ("train/*", "val/*", "test/*", "perf/*", "lr"):
-                run.define_metric(prefix, step_metric="epoch")
-            run.define_metric("test/acc", step_metric="epoch", summary="max")
-            run.define_metric("val/acc", step_metric="epoch", summary="max")
-            run.define_metric("step")
-            run.define_metric("step/*", step_metric="step")
-            return run
+            try:
+                return self._init_wandb(wandb, run_dir, cfg, run_id)
+            except Exception as e:
+                if self.mode != "online":
+                    raise
+                # No network, or W&B's servers slow: the run's history is kept offline, not lost.
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.info(f"warning: W&B did not start online within logging.init_timeout_s="
+                          f"{cfg.logging.init_timeout_s:g} ({type(e).__name__}: {reason}); logging offline instead")
+                self.mode = "offline"
+            return self._init_wandb(wandb, run_dir, cfg, run_id)
         except Exception as e:
             self.info(f"warning: W&B could not start ({type(e).__name__}: {e}); training goes on without it")
             return None
+
+    def _init_wandb(self, wandb: Any, run_dir: Path, cfg: Config, run_id: str | None):
+        """wandb.init in self.mode, with the charts' axes defined."""
+        run = wandb.init(
+            project=cfg.logging.project,
+            group=cfg.logging.group,
+            job_type="train",
+            name=run_dir.name,
+            tags=list(dict.fromkeys([cfg.model.arch, *cfg.logging.tags])),
+            config={"arch": cfg.model.arch, **to_dict(cfg)},
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            mode=self.mode,
+            # console capture: the run page shows the log (output.log offline); quiet: the
+            # link is printed by _announce, once, rather than wandb's banner on every start
+            settings=wandb.Settings(console="auto", quiet=True, silent=True,
+                                    init_timeout=cfg.logging.init_timeout_s),
+        )
+        # Epoch is the x-axis of the per-epoch charts; the dashboard keeps the best test and
+        # validation accuracies.
+        run.define_metric("epoch")
+        for prefix in ("train/*", "val/*", "test/*", "perf/*", "lr"):
+            run.define_metric(prefix, step_metric="epoch")
+        run.define_metric("test/acc", step_metric="epoch", summary="max")
+        run.define_metric("val/acc", step_metric="epoch", summary="max")
+        run.define_metric("step")
+        run.define_metric("step/*", step_metric="step")
+        return run
 
     def _announce(self, run_dir: Path) -> None:
         """Says where the run can be followed, and records it in the run folder for `launch.py --status`
@@ -157,7 +184,11 @@ class RunLogger(NullLogger):
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
 
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+    def log_step(self, step: int, metrics: dict[str, float], epoch: float | None = None) -> None:
+        """A training-loss point: a line of steps.jsonl (the report's loss-by-step plot) and W&B's step/* charts.
+        `epoch`: the epochs trained at this step, fractional mid-epoch."""
+        with self.steps_path.open("a") as f:
+            f.write(json.dumps({"step": step, **({"epoch": epoch} if epoch is not None else {}), **metrics}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({"step": step, **{f"step/{k}": v for k, v in metrics.items()}})
 

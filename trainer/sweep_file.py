@@ -4,8 +4,13 @@
         sweep, executor ("slurm" or "local"), profile, archs, overrides (what every job shares),
         runs      each job by name: its architecture, grid point, seed and its own overrides
         cluster   the cluster settings it was submitted with
-        jobs      job name -> {"job_id", "submitted" (or "queued"), "devices" under --local}
+        jobs      job name -> {"job_id", "submitted" (or "queued"), "devices" under --local; and for a
+                  job that was retried (launch.py --retries): "attempts", a list of its ended
+                  attempts, each {"job_id", "state", "cause" (one line, or null), "ended"}, and
+                  "not_retried" (why a failed job was left failed) when it applies}
         git_sha
+
+A job without "attempts" ran once (records from before retries have none).
 
 The launcher writes it at every submission and reads it back to resume a sweep and for --status;
 the report reads it to find the sweep's runs. It stands low in the house so that a reader of a
@@ -85,3 +90,32 @@ def read(sweep_dir: Path) -> SweepRecord:
                            data.get("git_sha"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SweepFileError(f"{file}: unreadable sweep record ({type(e).__name__}: {e})") from None
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def attempts_text(info: dict | None) -> str | None:
+    """A retried job's attempts in one line: "2 attempts: 1st FAILED (ValueError: ...), 2nd
+    COMPLETED"; None for a job that ran once. An attempt that has not ended yet is named by its job."""
+    ended = (info or {}).get("attempts") or []
+    if not ended:
+        return None
+    parts = [f"{ordinal(i)} {a['state']}" + (f" ({a['cause']})" if a.get("cause") else "")
+             for i, a in enumerate(ended, 1)]
+    if info.get("job_id") != ended[-1]["job_id"]:  # the attempt now queued or running
+        now = f"job {info['job_id']}" if info.get("job_id") else "queued"
+        parts.append(f"{ordinal(len(ended) + 1)}: {now}, not ended")
+    text = f"{len(parts)} attempts: {', '.join(parts)}"
+    # "the same error twice: <its line>": the line is the last attempt's cause, shown just before
+    why = (info.get("not_retried") or "").partition(": ")[0]
+    return f"{text}; not retried: {why}" if why else text
+
+
+def retried_lines(sweep_dir: Path) -> list[str]:
+    """One line per retried job of the sweep ("- name: 2 attempts: ..."), for the report."""
+    if not path(sweep_dir).exists():
+        return []
+    record = read(sweep_dir)
+    return [f"- {name}: {text}" for name, info in record.jobs.items() if (text := attempts_text(info))]

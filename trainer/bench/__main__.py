@@ -25,15 +25,16 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+# torch and the parts that use it are imported by run(), once the command line has checked out, so
+# that a mistaken flag is one line at once (issue #21).
 from trainer import UserError, cli, models, provenance
-from trainer.bench import accuracy, loaders, steps
+from trainer.bench import accuracy
 from trainer.bench.common import ResultsFile, Settings, cores, full_settings, quick_settings, smoke_settings
-from trainer.data.checks import data_record
-from trainer.data.common import check_data_dir
-from trainer.device import device_name, fast_cuda_math
+
+if TYPE_CHECKING:
+    import torch
 
 PARTS = ("loader", "step", "accuracy")
 
@@ -65,16 +66,24 @@ def accuracy_skipped(args: argparse.Namespace, device: torch.device) -> str | No
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = settings_from(args)
     parts = [p.strip() for p in args.parts.split(",")] if args.parts else list(PARTS)
     if set(parts) - set(PARTS):
         raise UserError(f"--parts: expected a comma-separated subset of {','.join(PARTS)}, got '{args.parts}'")
-    # the step part's batches are synthetic: it runs where no .beton is (the GPU check without ffcv)
-    data_dir = check_data_dir(args.data).resolve() if set(parts) - {"step"} else None
     threads = args.threads or cores()
     if threads < 0:
         raise UserError(f"--threads: must be positive, got {threads}")
+
+    import torch
+
+    from trainer.bench import loaders, steps
+    from trainer.data.checks import data_record
+    from trainer.data.common import check_data_dir
+    from trainer.device import device_name, fast_cuda_math
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # the step part's batches are synthetic: it runs where no .beton is (the GPU check without ffcv)
+    data_dir = check_data_dir(args.data).resolve() if set(parts) - {"step"} else None
     torch.set_num_threads(threads)
     if device.type == "cuda":  # as the trainer sets them, so that the step numbers compare with its runs
         fast_cuda_math()

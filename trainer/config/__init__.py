@@ -39,6 +39,8 @@ RETIRED = Retired(
 )
 
 
+IMAGE_SIDE = 32  # CIFAR-10's images are 32x32: the bound of data.translate and data.cutout
+
 # ---------------------------------------------------------------------------------------------
 # The schema. Defaults are the project's shared recipe; jobs/configs/*.yaml set per-arch values.
 
@@ -88,6 +90,12 @@ class DataConfig:
         _positive(self, "batch_size", "num_workers")
         _non_negative(self, "translate", "cutout", "train_subset", "test_subset", "val_split", "val_seed",
                       "mixup", "cutmix")
+        # A cutout square or a shift as large as the image leaves nothing of it; with the ffcv loader,
+        # a larger cutout also raised in a loader thread and left the main process waiting forever.
+        for name in ("translate", "cutout"):
+            if getattr(self, name) >= IMAGE_SIDE:
+                raise ValueError(f"{name}: pixels inside the {IMAGE_SIDE}x{IMAGE_SIDE} image: at most "
+                                 f"{IMAGE_SIDE - 1}, got {getattr(self, name)}")
         if self.val_split % 10:
             raise ValueError(f"val_split: must be a multiple of 10 (N/10 images of each class), got {self.val_split}")
         if not 0 <= self.mix_prob <= 1:
@@ -217,9 +225,12 @@ class LoggingConfig:
     group: str | None = None  # W&B group: the sweep a run belongs to
     tags: list[str] = field(default_factory=list)
     log_every: int = 100  # steps between train-loss points (host syncs; besides the stop checks every train.stop_check_s)
+    # How long W&B may take to start online (wandb's own default waits 90 s without a network); past
+    # it the run logs offline instead, to upload later with `wandb sync`.
+    init_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _positive(self, "log_every")
+        _positive(self, "log_every", "init_timeout_s")
 
 
 @dataclass

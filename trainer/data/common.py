@@ -46,22 +46,42 @@ class BatchLoader(Protocol):
         ...
 
 
-_LOWERED: set[tuple[int, int]] = set()  # (asked, cores) already warned about in this process
+# What to do where ffcv cannot read .beton files: the same images without it (docs/data.md).
+WITHOUT_FFCV = ("train without ffcv: data.loader=resident data.format=python, data.dir a cifar-10-batches-py "
+                "folder (docs/data.md)")
+
+
+def import_ffcv() -> None:
+    """Imports ffcv, or raises one UserError saying what to do: its wheel and the libraries it links
+    (OpenCV, libjpeg-turbo) fail to load with a traceback from deep inside the import otherwise."""
+    try:
+        import ffcv.loader  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"data.format=beton: ffcv, which reads the .beton files, does not import here ({e}); "
+                        f"./setup.sh installs it with its libraries, or {WITHOUT_FFCV}") from None
+
+
+_LOWERED: set[tuple[int, int]] = set()  # (asked, allowed) already warned about in this process
 
 
 def loader_workers(num_workers: int) -> int:
     """data.num_workers, at most the cores this process may use: ffcv decodes on numba threads,
     and numba refuses more threads than cores (a 35-line traceback: "The number of threads must be
     between 1 and 2" on a 2-core machine, where base.yaml's 8 would otherwise crash every recipe).
-    More threads than cores would only contend anyway. Lowered with one warning line per process."""
+    More threads than cores would only contend anyway. Nor more than numba allows itself
+    (NUMBA_NUM_THREADS, when set lower). Lowered with one warning line per process."""
+    import numba  # ffcv's own thread pool: imported by ffcv anyway, where this is asked
+
     cores = len(os.sched_getaffinity(0))
-    if num_workers <= cores:
+    allowed = min(cores, numba.config.NUMBA_NUM_THREADS)
+    if num_workers <= allowed:
         return num_workers
-    if (num_workers, cores) not in _LOWERED:
-        _LOWERED.add((num_workers, cores))
-        print(f"warning: data.num_workers={num_workers} is more than the {cores} cores this process may use; "
-              f"using {cores}", file=sys.stderr)
-    return cores
+    if (num_workers, allowed) not in _LOWERED:
+        _LOWERED.add((num_workers, allowed))
+        limit = (f"the {cores} cores this process may use" if allowed == cores else
+                 f"the {allowed} threads numba may start here (NUMBA_NUM_THREADS)")
+        print(f"warning: data.num_workers={num_workers} is more than {limit}; using {allowed}", file=sys.stderr)
+    return allowed
 
 
 def default_threads() -> int:
@@ -140,7 +160,9 @@ def verify_data(cfg: DataConfig, warn: bool = True) -> dict:
     checks.verify_python for the batch files); returns the record the run's summary holds."""
     if cfg.format == "python":
         return verify_python(cfg.dir)
-    return verify(check_data_dir(cfg.dir), warn=warn)
+    data_dir = check_data_dir(cfg.dir)
+    import_ffcv()  # the checks read the files' headers with it
+    return verify(data_dir, warn=warn)
 
 
 def train_labels(cfg: DataConfig) -> np.ndarray:

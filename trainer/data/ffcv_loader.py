@@ -10,6 +10,8 @@ and move batches to CUDA inside the ffcv pipeline when the device is a GPU.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -18,14 +20,65 @@ from queue import Empty
 import numpy as np
 import torch
 
+from trainer import UserError
 from trainer.config import DataConfig
 from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
 from trainer.data.common import (
-    DTYPES, MEAN_PIXEL, check_data_dir, check_train_batch, default_threads, held_out, loader_workers, per_process_batch,
-    shard_indices, train_val_indices,
+    DTYPES, MEAN_PIXEL, WITHOUT_FFCV, check_data_dir, check_train_batch, default_threads, held_out, import_ffcv,
+    loader_workers, per_process_batch, shard_indices, train_val_indices,
 )
 from trainer.distributed import Dist
+
+# ffcv decodes an epoch in a thread of its own (its EpochIterator), ahead of the training loop, into
+# a queue that the loop's next() waits on. A thread that dies (numba failing to compile the
+# pipeline on its first batch, a read that fails) would leave that wait unanswered for ever, after
+# a traceback on stderr. The thread hook, set by ffcv_loader, keeps such a thread's error instead
+# and puts ffcv's own end-of-epoch marker in its queue; check_epoch then raises the error as one line.
+_thread_errors: weakref.WeakKeyDictionary[threading.Thread, BaseException] = weakref.WeakKeyDictionary()
+
+
+class _KeepFFCVThreadErrors:
+    """A threading.excepthook for ffcv's epoch threads; any other thread's error goes to the hook
+    it replaced."""
+
+    def __init__(self, others) -> None:
+        self.others = others
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        thread = args.thread
+        if type(thread).__name__ != "EpochIterator" or not type(thread).__module__.startswith("ffcv."):
+            self.others(args)
+            return
+        _thread_errors[thread] = args.exc_value
+        thread.output_queue.put(None)
+
+
+def check_epoch(batches: Iterator, path: str | Path) -> None:
+    """After an ffcv epoch's iterator ended: if its thread died rather than finished, a UserError
+    naming the file and the thread's error, in one line."""
+    error = _thread_errors.pop(batches, None)
+    if error is not None:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else ""
+        raise UserError(f"{path}: ffcv's loader thread failed ({type(error).__name__}: {first}); ./setup.sh installs "
+                        f"ffcv and numba at the tested versions, or {WITHOUT_FFCV}")
+
+
+def ffcv_loader(path: str | Path, **options):
+    """ffcv's Loader of the .beton at `path`, or a UserError naming the file if ffcv cannot start
+    one here."""
+    import_ffcv()
+    from ffcv.loader import Loader
+
+    # Set for every loader, not once: a hook set since (pytest sets its own for each test) replaces it.
+    if not isinstance(threading.excepthook, _KeepFFCVThreadErrors):
+        threading.excepthook = _KeepFFCVThreadErrors(threading.excepthook)
+    try:
+        return Loader(str(path), **options)
+    except (ValueError, MemoryError) as e:  # numba's refusal of a thread count, no memory for the buffers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path}: ffcv could not start its loader ({type(e).__name__}: {first})") from None
 
 
 class FFCVLoader:
@@ -53,6 +106,7 @@ class FFCVLoader:
         torch.set_num_threads(self.threads)
         try:
             yield from batches
+            check_epoch(batches, self.loader.fname)
         finally:
             # Left mid-epoch (an error, a stop signal), ffcv's thread goes on decoding with numba,
             # and a process that exits while it does aborts ("terminate called without an active
@@ -130,10 +184,10 @@ def _to_device(device: torch.device):
 def _eval_loader(path: Path, indices: np.ndarray, cfg: DataConfig, batch: int, device: torch.device):
     """SEQUENTIAL over `indices` (this rank's shard), no augmentation: the test pipeline, which
     the validation images get too."""
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
 
-    return Loader(
-        str(path),
+    return ffcv_loader(
+        path,
         batch_size=batch,
         num_workers=loader_workers(cfg.num_workers),
         order=OrderOption.SEQUENTIAL,
@@ -149,10 +203,11 @@ def build_ffcv_loaders(
 ) -> tuple[FFCVLoader, FFCVLoader]:
     """(train, test) FFCV loaders for this process, sharded by the group's rank. Training reads
     train.beton without the validation split's images (common.train_val_indices)."""
-    from ffcv.loader import Loader, OrderOption
-
     device = group.device
     data_dir = check_data_dir(cfg.dir)
+    import_ffcv()
+    from ffcv.loader import OrderOption
+
     found = verify(data_dir, warn=group.rank == 0)  # before ffcv reads a byte: it trusts any file
     threads = threads or default_threads()
     rank, world = group.rank, group.world_size
@@ -161,8 +216,8 @@ def build_ffcv_loaders(
     n_train = len(train_indices)
     check_train_batch(cfg.batch_size, n_train)
     batch = per_process_batch(cfg.batch_size, world)  # data.batch_size is the global batch
-    train = Loader(
-        str(data_dir / "train.beton"),
+    train = ffcv_loader(
+        data_dir / "train.beton",
         batch_size=batch,
         num_workers=loader_workers(cfg.num_workers),
         order=OrderOption.RANDOM,

@@ -39,9 +39,10 @@ from trainer.data.augment import MixPlan, PixelTable, draw_mix_plan, mix, normal
 from trainer.data.checks import open_beton, python_split
 from trainer.data.cifar10 import SIDE
 from trainer.data.common import (
-    DTYPES, check_train_batch, default_threads, held_out, loader_workers, per_process_batch, shard_indices, train_labels,
-    train_val_indices, verify_data,
+    DTYPES, check_train_batch, default_threads, held_out, import_ffcv, loader_workers, per_process_batch, shard_indices,
+    train_labels, train_val_indices, verify_data,
 )
+from trainer.data.ffcv_loader import check_epoch, ffcv_loader
 from trainer.distributed import Dist
 
 _ORDER, _AUGMENT, _FLIP, _MIX = 0, 1, 2, 3  # the purposes random streams are derived for (see _seed)
@@ -61,8 +62,10 @@ def read_beton(
     `indices`: (N, 32, 32, 3) uint8 and (N,) int64 CPU tensors. Read through an un-augmented
     SEQUENTIAL ffcv Loader."""
     import numba
+
+    import_ffcv()
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
     from ffcv.transforms import ToTensor
 
     if indices is None:
@@ -70,13 +73,16 @@ def read_beton(
         indices = np.arange(n if count is None else min(n, count))
     n = len(indices)
     workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))  # ffcv refuses more than numba has
-    loader = Loader(
-        str(path), batch_size=min(n, 5000), num_workers=workers, order=OrderOption.SEQUENTIAL,
+    loader = ffcv_loader(
+        path, batch_size=min(n, 5000), num_workers=workers, order=OrderOption.SEQUENTIAL,
         indices=indices.astype(np.uint64), drop_last=False,
         pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]},
     )
     # ffcv reuses its batch buffers: keep copies, not the batches themselves.
-    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    batches = iter(loader)
+    copies = [(x.clone(), y.clone()) for x, y in batches]
+    check_epoch(batches, path)
+    images, labels = zip(*copies)
     x, y = torch.cat(images), torch.cat(labels).view(-1).to(torch.int64)
     if tuple(x.shape) != (n, SIDE, SIDE, 3):
         raise UserError(f"{path}: expected {n} images of {SIDE}x{SIDE}x3, got {tuple(x.shape)}")

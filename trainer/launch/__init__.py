@@ -17,11 +17,17 @@ The files, in the order a launch goes through them:
     cluster.py  the cluster settings (the --cluster YAML, -C, --nodes), a strict schema
     grid.py     seeds and grids: the sweep's jobs and their names
     plan.py     each job's recipe config and overrides, its data checked; which jobs to submit now
-    job.py      what each job runs on its node (TrainJob), and the handle of a job submitted earlier
+    job.py      what each job runs on its node (TrainJob)
     slurm.py    SLURM: is the controller there, the sbatch lines, the sweep as one job array
     local.py    --local: the jobs on this machine's GPUs, one slot each, the others queued
+    state.py    what became of a submitted job: SLURM's state, or a local job's FINISHED/FAILED/RUNNING
     status.py   --status and --wait: each job's state, epoch and best accuracy; then the report
+    retry.py    --retries: a watched job that failed is submitted again, each attempt in sweep.json
 sweep.json has its one reader and writer in trainer/sweep_file.py (the report reads it too).
+
+Without --local the jobs go to SLURM; a machine without sbatch is told so in one line. submitit
+(and torch, for --local's GPUs) is imported only once the command line, the cluster settings and
+every job's config have been checked.
 """
 
 from trainer.launch.cluster import ClusterConfig

@@ -13,6 +13,21 @@ from pathlib import Path
 from trainer.strict_yaml import ConfigError, load_dataclass, parse_override, parse_yaml
 
 
+# sbatch options that a first-class key sets (by their long and short names): given again under
+# `sbatch:`, submitit would let them win over the key, silently (a `signal=KILL@1` there took away
+# the USR2 before the time limit that the checkpoint-and-requeue relies on).
+FIRST_CLASS_OPTIONS = {
+    "partition": "partition", "p": "partition", "account": "account", "A": "account", "qos": "qos", "q": "qos",
+    "time": "time_min", "t": "time_min", "nodes": "nodes", "N": "nodes", "ntasks-per-node": "tasks_per_node",
+    "cpus-per-task": "cpus_per_task", "c": "cpus_per_task", "gpus-per-node": "gpus_per_node", "gres": "gres",
+    "mem": "mem_gb", "mem-per-gpu": "mem_per_gpu", "constraint": "constraint", "C": "constraint",
+    "exclude": "exclude", "x": "exclude", "signal": "signal_delay_s", "array": "array_parallelism",
+}
+# ...and those submitit writes itself: where the job's logs go (the launcher's --status reads them
+# there), its name and the log's open mode.
+SUBMITIT_OPTIONS = ("output", "o", "error", "e", "job-name", "J", "open-mode", "wckey")
+
+
 @dataclass
 class ClusterConfig:
     """Where and how big each job is; slurm/example-cluster.yaml documents every key."""
@@ -44,6 +59,10 @@ class ClusterConfig:
     # submitit's default is 3. A 150-epoch run on a 2-hour partition needs more: about total time /
     # time_min. Preemptions do not count against it.
     max_requeues: int = 3
+    # How many times a job that FAILED (or whose node failed) without finishing is submitted again
+    # into its run folder, where it resumes from its checkpoint; only while a launcher watches the
+    # sweep (--wait, --local). --retries N overrides it. Not time limits: those are max_requeues'.
+    retries: int = 0
     # An Apptainer image (.sif) to run each job's Python in (`apptainer exec --nv IMAGE python`), e.g.
     # one built from containers/cifar-infinity.def; null: the launcher's own interpreter. The image
     # must hold this version of the project: the jobs unpickle the launcher's job objects.
@@ -67,6 +86,8 @@ class ClusterConfig:
             raise ValueError(f"mem_per_gpu: must be at least 1 (GB), got {self.mem_per_gpu}")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues: must not be negative, got {self.max_requeues}")
+        if self.retries < 0:
+            raise ValueError(f"retries: must not be negative, got {self.retries}")
         self.sbatch_options()  # malformed entries fail when the file is read
 
     def sbatch_options(self) -> dict[str, str | bool]:
@@ -74,9 +95,16 @@ class ClusterConfig:
         options: dict[str, str | bool] = {}
         for entry in self.sbatch:
             name, eq, value = entry.partition("=")
-            name = name.strip().removeprefix("--")
+            name = name.strip().lstrip("-")
             if not name or " " in name or (eq and not value.strip()):
                 raise ValueError(f"sbatch: '{entry}' is not 'name=value' or 'name' (e.g. 'reservation=gpu-week')")
+            flag = name if len(name) == 1 else name.replace("_", "-")  # as submitit writes it; -c is not -C
+            if flag in FIRST_CLASS_OPTIONS:
+                raise ValueError(f"sbatch: '{entry}' sets what the key '{FIRST_CLASS_OPTIONS[flag]}' sets: "
+                                 f"use {FIRST_CLASS_OPTIONS[flag]} instead")
+            if flag in SUBMITIT_OPTIONS:
+                raise ValueError(f"sbatch: '{entry}': submitit sets --{flag} itself (the launcher reads the job's "
+                                 "logs where it puts them); remove it")
             options[name] = value.strip() if eq else True
         return options
 
@@ -85,12 +113,14 @@ class ClusterConfig:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
-def load_cluster(path: Path, sets: list[str], nodes: int | None) -> ClusterConfig:
-    """The settings of the file `path`, then each -C key=value of `sets`, then --nodes."""
+def load_cluster(path: Path, sets: list[str], nodes: int | None, retries: int | None = None) -> ClusterConfig:
+    """The settings of the file `path`, then each -C key=value of `sets`, then --nodes and --retries."""
     layers = [(str(path), _read_yaml(path))]
     layers += [(f"--set '{o}'", parse_override(o)) for o in sets]
     if nodes is not None:
         layers.append(("--nodes", {"nodes": nodes}))
+    if retries is not None:
+        layers.append(("--retries", {"retries": retries}))
     return load_dataclass(ClusterConfig, layers)
 
 

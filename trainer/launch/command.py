@@ -2,8 +2,8 @@
 
     python jobs/launch.py --all [--profile smoke|full] [--cluster slurm/local.yaml] [-C key=value]
                           [--sweep NAME] [--force] [--nodes K] [--local] [--dry-run] [--wait]
-                          [--seeds N] [--yes] [key=value ...]
-    python jobs/launch.py --status SWEEP [--wait]
+                          [--seeds N] [--yes] [--retries N] [key=value ...]
+    python jobs/launch.py --status SWEEP [--wait [--retries N]]
 
 How a sweep works, and which file of trainer/launch/ holds what: trainer/launch/__init__.py.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 from trainer import UserError, cli, sweep_file
 from trainer.launch.grid import CONFIRM_ABOVE
 from trainer.launch.local import local_gpus, local_slots, run_local, slots_text
-from trainer.launch.plan import REPO, Plan, make_plan, select
-from trainer.launch.slurm import check_slurm, sbatch_script, submit
+from trainer.launch.plan import REPO, Plan, make_plan, recorded_plan, select, slurm_here
+from trainer.launch.retry import Retrier
+from trainer.launch.slurm import check_slurm, resubmit, sbatch_script, submit
 from trainer.launch.status import print_status, wait
 
 DEFAULT_CLUSTER = REPO / "slurm/local.yaml"
@@ -40,9 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, metavar="N", help="train each architecture (and grid point) N times, train.seed=0..N-1; run folders end in -s<seed>")
     parser.add_argument("--yes", action="store_true", help=f"submit a sweep of more than {CONFIRM_ABOVE} jobs")
     parser.add_argument("--force", action="store_true", help="train finished runs again (their old folders are kept)")
-    parser.add_argument("--local", action="store_true", help="run the jobs on this machine with submitit's local executor")
-    parser.add_argument("--dry-run", action="store_true", help="print each job's resources and command; submit nothing")
+    parser.add_argument("--local", action="store_true", help="run the jobs on this machine with submitit's local executor "
+                        "(without it, they go to SLURM: a machine without sbatch is an error)")
+    parser.add_argument("--dry-run", action="store_true", help="print each job's resources and command; submit nothing "
+                        "(the SLURM plan even where SLURM is not; with --local, this machine's)")
     parser.add_argument("--wait", action="store_true", help="block until the jobs end, then print the comparison")
+    parser.add_argument("--retries", type=int, metavar="N", help="submit a job that FAILED (or whose node failed) "
+                        "without finishing again, up to N times, resuming from its checkpoint; only while this "
+                        "launcher watches (--wait, --local). Default: the cluster YAML's retries (0)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="trainer config overrides for every job; a comma list (optim.lr=0.05,0.1) makes a grid")
     args = parser.parse_args(argv)
@@ -59,6 +65,12 @@ def _sweep_dir(runs: str, sweep: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.status:
         sweep_dir = _sweep_dir(args.runs, args.status)
+        if args.retries is not None and not args.wait:
+            raise UserError("--retries with --status needs --wait: only a launcher that watches the jobs retries them")
+        if args.retries:  # a SLURM sweep launched without --wait, watched now
+            plan = recorded_plan(sweep_dir, args.retries)
+            check_slurm()
+            return wait(sweep_dir, retrier=slurm_retrier(plan))
         if args.wait:
             return wait(sweep_dir)
         entries = print_status(sweep_dir)
@@ -67,17 +79,20 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     slots = None
     if plan.executor == "local":
-        why = "--local" if args.local else "no sbatch on PATH"
-        print(f"{why}: running the jobs on this machine with submitit's local executor")
+        print("--local: running the jobs on this machine with submitit's local executor")
         slots = local_slots(local_gpus(), plan.cluster)  # a job this machine cannot hold fails here
     elif not args.dry_run:  # a dry run submits nothing, so needs no controller
         check_slurm()
+    if args.dry_run:  # the plan's first line, before the jobs it leaves out are named
+        print(dry_run_header(plan))
     names = select(plan, args.force, ask_slurm=not args.dry_run)
     if args.dry_run:
         dry_run(plan, names, slots)
-        if plan.executor == "slurm":
+        if plan.executor == "slurm" and slurm_here():
             print(f"the batch script (one job array; submitit's, with the cluster settings as sbatch lines):\n"
                   f"{sbatch_script(plan)}")
+        elif plan.executor == "slurm":  # submitit renders it only where it finds srun
+            print("the batch script: not shown, submitit writes it only on a machine with SLURM (srun on PATH)")
         return 0
     if not names:
         print("nothing to submit")
@@ -87,15 +102,33 @@ def run(args: argparse.Namespace) -> int:
     jobs = submit(plan, names, args.force)
     print(f"submitted {len(jobs)} job(s) of sweep {plan.sweep} to partition {plan.cluster.partition}: "
           + ", ".join(f"{n}={j.job_id}" for n, j in zip(names, jobs)))
-    print(f"runs in {plan.sweep_dir}; watch with: python jobs/launch.py --status {plan.sweep} --wait")
+    retries = plan.cluster.retries
+    watch = f"python jobs/launch.py --status {plan.sweep} --wait" + (f" --retries {retries}" if retries else "")
+    print(f"runs in {plan.sweep_dir}; watch with: {watch}")
     if args.wait:
-        return wait(plan.sweep_dir)
+        return wait(plan.sweep_dir, retrier=slurm_retrier(plan))
+    if retries:
+        print(f"retries={retries}: only a launcher that watches retries failed jobs, and this one ends now: watch "
+              "with the command above (or launch with --wait)")
     return 0
 
 
+def slurm_retrier(plan: Plan) -> Retrier | None:
+    """What submits the sweep's failed SLURM jobs again, with retries set."""
+    limit = plan.cluster.retries
+    return Retrier(plan, limit, lambda name: resubmit(plan, name)) if limit else None
+
+
+def dry_run_header(plan: Plan) -> str:
+    """Where the jobs would go, and whether this machine could send them there."""
+    where = "" if plan.executor == "local" or slurm_here() else (
+        "; no SLURM here (no sbatch on PATH): the plan for a SLURM login node; --local runs the jobs here")
+    return f"sweep {plan.sweep} -> {plan.sweep_dir} (executor: {plan.executor}; nothing submitted{where})"
+
+
 def dry_run(plan: Plan, names: list[str], slots: list[tuple[int, ...]] | None = None) -> None:
+    """Each job's resources and command, after dry_run_header."""
     c = plan.cluster
-    print(f"sweep {plan.sweep} -> {plan.sweep_dir} (executor: {plan.executor}; nothing submitted)")
     if slots is not None:
         print(f"this machine: {slots_text(slots)}")
     if len(plan.runs) > CONFIRM_ABOVE:
@@ -103,6 +136,6 @@ def dry_run(plan: Plan, names: list[str], slots: list[tuple[int, ...]] | None = 
     for name in names:
         res = (f"nodes={c.nodes} tasks_per_node={c.tasks} gpus_per_node={c.gpus_per_node} cpus_per_task={c.cpus_per_task} "
                f"mem_gb={c.mem_gb} time_min={c.time_min} partition={c.partition} account={c.account} qos={c.qos} "
-               f"constraint={c.constraint} signal=USR2@{c.signal_delay_s}s")
+               f"constraint={c.constraint} signal=USR2@{c.signal_delay_s}s retries={c.retries}")
         print(f"{name}: {res}")
         print(f"  srun {shlex.join(plan.command(plan.job(name)))}")  # quoted: pasted into a shell, it runs as planned

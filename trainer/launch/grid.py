@@ -10,12 +10,16 @@ either, it is the architecture alone. More than CONFIRM_ABOVE jobs need --yes.
 from __future__ import annotations
 
 from trainer import UserError
+from trainer.strict_yaml import parse_override
 from trainer.sweep_file import Job
 
 
 # A sweep of more jobs than this (architectures x grid points x seeds) needs --yes: a typo in a
 # grid (a list where one value was meant) should not fill a cluster's queue.
 CONFIRM_ABOVE = 50
+# ...and no sweep has more than this, --yes or not: SLURM's default MaxArraySize (1001) caps a job
+# array's indices at 1000, and a launch of thousands is a typo (--seeds 200000) more often than a plan.
+MAX_JOBS = 1000
 
 
 def grid_values(override: str) -> list[str]:
@@ -45,8 +49,12 @@ def grid_values(override: str) -> list[str]:
     values = [v.strip() for v in values]
     if any(v == "" for v in values):
         raise UserError(f"'{override}': an empty value in a comma list; a grid is key=v1,v2,...")
-    if len(set(values)) != len(values):
-        raise UserError(f"'{override}': a value given twice in a comma list")
+    # Compared as the config reads them: 0.1 and 0.10 (or 1e-1) are one point, trained twice otherwise.
+    key = override.partition("=")[0]
+    parsed = [repr(parse_override(f"{key}={v}")) for v in values]
+    if len(set(parsed)) != len(parsed):
+        twice = next(v for v, p in zip(values, parsed) if parsed.count(p) > 1)
+        raise UserError(f"'{override}': the value {twice} given twice in a comma list (as the config reads it)")
     return values
 
 

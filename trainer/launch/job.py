@@ -1,5 +1,6 @@
 """A job as submitit sees it: what each of its tasks runs (TrainJob, pickled at submission and
-unpickled on the node), and the handle of a job submitted earlier, to ask its state.
+unpickled on the node). Imported when jobs are submitted, not before (it needs submitit); the
+state of a job submitted earlier is state.py's.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import submitit
-
-# SLURM states of a job still queued or running: a relaunch of its sweep does not submit it again.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -44,10 +42,3 @@ class TrainJob(submitit.helpers.Checkpointable):
                 os.kill(os.getpid(), signal.SIGUSR2)
             return None
 
-
-def job_handle(executor: str, sweep_dir: Path, job_id: str):
-    """The submitit handle of a job submitted earlier by `executor` ("slurm" or "local")."""
-    folder = sweep_dir / "submitit" / "%j"
-    if executor == "slurm":
-        return submitit.SlurmJob(folder=folder, job_id=job_id)
-    return submitit.LocalJob(folder=folder, job_id=job_id)

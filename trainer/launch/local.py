@@ -2,7 +2,7 @@
 them. Each job gets its own GPUs (gpus_per_node of them, one when 0, one process each; jobs_per_gpu
 jobs may share them), at most array_parallelism jobs run at once, and the others wait in the
 launcher's queue until a job ends and frees its GPUs. Without GPUs, jobs run on the CPU,
-array_parallelism at a time.
+array_parallelism at a time. With retries (retry.py), a failed job goes back to the end of the queue.
 """
 
 from __future__ import annotations
@@ -11,14 +11,18 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-
-import submitit
+from typing import TYPE_CHECKING
 
 from trainer import UserError
 from trainer.launch.cluster import ClusterConfig
 from trainer.launch.grid import name_width
 from trainer.launch.plan import Plan
+from trainer.launch.retry import Retrier, kept
+from trainer.launch.state import submitit_folder
 from trainer.launch.status import wait
+
+if TYPE_CHECKING:  # submitit itself is imported when jobs start: a mistaken command line is told without it
+    import submitit
 
 # The GPUs --local schedules on, instead of those torch sees: comma-separated indices, empty for none.
 # Tests simulate a machine with GPUs with it (the jobs then train on the CPU, but each sees its list).
@@ -125,6 +129,8 @@ class LocalRunner:
 def local_executor(folder: Path, cluster: ClusterConfig, devices: tuple[int, ...]) -> submitit.LocalExecutor:
     """submitit's local executor for one job on `devices`: it starts cluster.tasks processes, all
     with CUDA_VISIBLE_DEVICES set to the devices (process k uses the k-th)."""
+    import submitit
+
     ex = submitit.LocalExecutor(folder=folder)
     ex.update_parameters(timeout_min=cluster.time_min, tasks_per_node=cluster.tasks, gpus_per_node=len(devices),
                          visible_gpus=list(devices), signal_delay_s=cluster.signal_delay_s, stderr_to_stdout=False)
@@ -143,10 +149,10 @@ def run_local(plan: Plan, names: list[str], slots: list[tuple[int, ...]], force:
     width = name_width(names)
 
     def start(name: str, devices: tuple[int, ...]):
-        ex = local_executor(plan.sweep_dir / "submitit" / "%j", plan.cluster, devices)
+        ex = local_executor(submitit_folder("local", plan.sweep_dir), plan.cluster, devices)
         job = ex.submit(plan.train_job(plan.job(name)))
         plan.jobs[name] = {"job_id": job.job_id, "submitted": datetime.now().isoformat(timespec="seconds"),
-                           "devices": list(devices)}
+                           "devices": list(devices), **kept(plan.jobs.get(name))}
         plan.save()
         print(f"{name:{width}s} started as job {job.job_id} on {slot_text(devices)}", flush=True)
         return job
@@ -154,5 +160,14 @@ def run_local(plan: Plan, names: list[str], slots: list[tuple[int, ...]], force:
     print(f"{len(names)} job(s) of sweep {plan.sweep} on this machine: {slots_text(slots)}; the others wait for a "
           "job to end")
     print(f"runs in {plan.sweep_dir}; the jobs are children of this process: it stays until they end")
-    return wait(plan.sweep_dir, poll_s=poll_s, step=LocalRunner(SlotQueue(slots, names), start).step)
+    runner = LocalRunner(SlotQueue(slots, names), start)
+
+    def requeue(name: str) -> dict:
+        runner.queue.queued.append(name)
+        return {"job_id": None, "queued": datetime.now().isoformat(timespec="seconds")}
+
+    retrier = None
+    if plan.cluster.retries:  # a job is retried once the runner has seen its process end and freed its slot
+        retrier = Retrier(plan, plan.cluster.retries, requeue, idle=lambda name: name not in runner.jobs)
+    return wait(plan.sweep_dir, poll_s=poll_s, step=runner.step, retrier=retrier)
 

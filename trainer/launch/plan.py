@@ -14,13 +14,12 @@ from datetime import datetime
 from pathlib import Path
 
 from trainer import UserError, models, run_files, sweep_file
-from trainer.config import load_config
-from trainer.data.checks import verify, verify_python
+from trainer.config import Config, load_config
 from trainer.launch.cluster import ClusterConfig, load_cluster
-from trainer.launch.grid import CONFIRM_ABOVE, expand_grid, name_width, plan_jobs
-from trainer.launch.job import ACTIVE_STATES, TrainJob, job_handle
+from trainer.launch.grid import CONFIRM_ABOVE, MAX_JOBS, expand_grid, name_width, plan_jobs
+from trainer.launch.state import ACTIVE_STATES, job_handle
 from trainer.provenance import git_sha
-from trainer.strict_yaml import ConfigError, parse_yaml
+from trainer.strict_yaml import ConfigError, load_dataclass, parse_yaml
 from trainer.sweep_file import Job, SweepFileError, SweepRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +86,9 @@ class Plan:
         return ["python", "-m", "trainer", "--config", str(config_path(job.arch)), "--run-dir",
                 str(self.run_dir(job.name)), *self.job_overrides(job)]
 
-    def train_job(self, job: Job) -> TrainJob:
+    def train_job(self, job: Job):
+        from trainer.launch.job import TrainJob  # submitit, imported once there is a job to submit
+
         return TrainJob(config_path(job.arch), self.job_overrides(job), self.run_dir(job.name))
 
     def save(self) -> None:
@@ -112,11 +113,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.profile not in profiles:
         raise UserError(f"--profile: unknown profile '{args.profile}'; defined in {PROFILES}: {', '.join(profiles)}")
 
-    cluster = load_cluster(args.cluster, args.set, args.nodes)
+    cluster = load_cluster(args.cluster, args.set, args.nodes, args.retries)
 
-    # Whether SLURM answers is checked by run(), and only when something is to be submitted: a dry
-    # run shows the plan on a machine without a live controller too.
-    executor = "local" if args.local or shutil.which("sbatch") is None else "slurm"
+    # Only --local runs the jobs here: a machine without SLURM is told so (below), not handed a
+    # sweep of 150-epoch runs unasked. Whether SLURM answers is checked by run(), and only when
+    # something is to be submitted: a dry run shows the plan on a machine without a controller too.
+    executor = "local" if args.local else "slurm"
     if executor == "local" and cluster.nodes > 1:
         raise UserError("--nodes: the local executor runs on this machine only (nodes: 1)")
     sweep = args.sweep or default_sweep_id()
@@ -129,21 +131,60 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise UserError(f"--seeds: must be at least 1, got {args.seeds}")
         if any(o.startswith("train.seed=") for o in shared + [o for _, p in points for o in p]):
             raise UserError("--seeds sets train.seed (0..N-1) itself: drop the train.seed override")
-    runs = plan_jobs(archs, points, args.seeds)
-    if len(runs) > CONFIRM_ABOVE and not args.yes and not args.dry_run:
-        raise UserError(f"{len(runs)} jobs ({len(archs)} architecture(s) x {len(points)} grid point(s) x "
-                        f"{args.seeds or 1} seed(s)): more than {CONFIRM_ABOVE}; add --yes to submit them "
+    count = len(archs) * len(points) * (args.seeds or 1)  # before listing them: --seeds 200000 is a typo
+    sizes = f"({len(archs)} architecture(s) x {len(points)} grid point(s) x {args.seeds or 1} seed(s))"
+    if count > MAX_JOBS:
+        raise UserError(f"{count} jobs {sizes}: one sweep holds at most {MAX_JOBS} (a SLURM job array's default "
+                        "MaxArraySize); split it into several sweeps")
+    if count > CONFIRM_ABOVE and not args.yes and not args.dry_run:
+        raise UserError(f"{count} jobs {sizes}: more than {CONFIRM_ABOVE}; add --yes to submit them "
                         "(--dry-run lists them)")
+    runs = plan_jobs(archs, points, args.seeds)
     overrides = [*profiles[args.profile], *shared, f"logging.group={sweep}"]
 
     # Every job's config must resolve, and its data must exist, before anything is submitted (the
     # seeds of an architecture and point differ in train.seed only: their first stands for them).
-    for job in [j for j in runs if j.seed in (None, 0)]:
-        arch = job.arch
-        cfg = load_config(config_path(arch), [f"model.arch={arch}", *overrides, *job.overrides],
-                          archs=models.names())
+    configs = [load_config(config_path(job.arch), [f"model.arch={job.arch}", *overrides, *job.overrides],
+                           archs=models.names()) for job in runs if job.seed in (None, 0)]
+    if executor == "slurm" and not args.dry_run and not slurm_here():
+        raise UserError(f"no SLURM here (no sbatch on PATH): add --local to run the {len(runs)} job(s) of profile "
+                        f"'{args.profile}' on this machine ({_length_text(configs)}), or launch from a SLURM login "
+                        "node (--cluster slurm/example-cluster.yaml documents its settings)")
+    for cfg in configs:
         ensure_data(cfg.data.dir, cfg.data.format)  # damaged or foreign data fails here, before anything is queued
     return Plan(sweep, Path(args.runs) / sweep, archs, overrides, cluster, executor, args.profile, runs)
+
+
+def recorded_plan(sweep_dir: Path, retries: int) -> Plan:
+    """The plan of a sweep launched earlier, as its sweep.json recorded it, with `retries`: what
+    `--status SWEEP --wait --retries N` submits a failed job again with."""
+    record = sweep_file.read(sweep_dir)
+    if record.executor != "slurm":
+        raise UserError(f"--retries: {sweep_dir} is a --local sweep, whose jobs only the launcher that runs them "
+                        "can retry: launch it again with the same --sweep and --retries N (it resumes the jobs)")
+    cluster = load_dataclass(ClusterConfig, [(f"{sweep_file.path(sweep_dir)}: cluster", record.cluster),
+                                             ("--retries", {"retries": retries})])
+    return Plan(record.sweep, sweep_dir, record.archs, record.overrides, cluster, record.executor,
+                record.profile or "full", record.runs, record.jobs)
+
+
+def slurm_here() -> bool:
+    """Whether this machine can submit to SLURM (sbatch, and the srun that submitit looks for)."""
+    return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+def _length_text(configs: list[Config]) -> str:
+    """How long each job trains, as the configs say: '150 epochs each', 'at most 75 s each'."""
+    budgets = sorted({c.train.budget_s for c in configs})
+    if all(budgets):
+        return f"at most {_range(budgets)} s of training each"
+    epochs = _range(sorted({c.train.epochs for c in configs}))
+    return f"{epochs} epoch{'' if epochs == '1' else 's'} each"
+
+
+def _range(values: list) -> str:
+    text = [f"{v:g}" for v in (values[0], values[-1])]
+    return text[0] if text[0] == text[1] else f"{text[0]}-{text[1]}"
 
 
 def ensure_data(data_dir: str | Path, data_format: str = "beton") -> None:
@@ -151,6 +192,8 @@ def ensure_data(data_dir: str | Path, data_format: str = "beton") -> None:
     sweep) is prepared first, from $CIFAR10_SOURCE or the official download, as `prepare` would.
     data.format=python: the batch folder is validated as the jobs' loader will read it (no .beton
     is made: the point of that format is a machine where ffcv may not import)."""
+    from trainer.data.checks import verify, verify_python  # numpy, and ffcv for .beton files: past the config checks
+
     data_dir = Path(data_dir)
     if data_format == "python":
         verify_python(data_dir)

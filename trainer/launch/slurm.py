@@ -1,5 +1,5 @@
 """SLURM: whether its controller answers (sinfo), the executor whose settings become the sbatch
-lines, and the submission of a sweep's jobs as one job array.
+lines, the submission of a sweep's jobs as one job array, and of one job again (a retry).
 """
 
 from __future__ import annotations
@@ -8,11 +8,10 @@ import os
 import shlex
 from datetime import datetime
 
-import submitit
-
 from trainer import UserError
 from trainer.launch.cluster import ClusterConfig
 from trainer.launch.plan import Plan
+from trainer.launch.state import submitit_folder
 
 
 def check_slurm() -> None:
@@ -35,8 +34,10 @@ def check_slurm() -> None:
 
 def sweep_executor(plan: Plan):
     """submitit's executor for the sweep's job array, every cluster setting given as its parameter."""
+    import submitit  # here, not above: a mistaken command line is told without it
+
     c = plan.cluster
-    ex = submitit.AutoExecutor(folder=plan.sweep_dir / "submitit" / "%j", cluster=plan.executor,
+    ex = submitit.AutoExecutor(folder=submitit_folder(plan.executor, plan.sweep_dir), cluster=plan.executor,
                                slurm_max_num_timeout=c.max_requeues, slurm_python=job_python(c))
     params = dict(name=f"cifar-{plan.sweep}", timeout_min=c.time_min, nodes=c.nodes, tasks_per_node=c.tasks,
                   cpus_per_task=c.cpus_per_task, stderr_to_stdout=False)
@@ -84,3 +85,9 @@ def submit(plan: Plan, names: list[str], force: bool) -> list:
     plan.save()
     return jobs
 
+
+
+def resubmit(plan: Plan, name: str) -> dict:
+    """Submits the job `name` again, alone (a retry: retry.py); its new sweep.json entry."""
+    job = sweep_executor(plan).submit(plan.train_job(plan.job(name)))
+    return {"job_id": job.job_id, "submitted": datetime.now().isoformat(timespec="seconds")}

@@ -1,6 +1,6 @@
-"""Watching a sweep: each job's state (SLURM's, or the local launcher's), epoch, best accuracy, log,
-W&B link and failure, as the --status table or, with --wait, until every job has ended; then the
-sweep's report.
+"""Watching a sweep: each job's state (SLURM's, or the local job's: state.py), epoch, best accuracy,
+log, W&B link, failure and, for a retried job, its attempts, as the --status table or, with --wait,
+until every job has ended (retrying failed jobs: retry.py); then the sweep's report.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer import run_files, sweep_file
 from trainer.launch.grid import name_width
-from trainer.launch.job import ACTIVE_STATES, job_handle
 from trainer.launch.slurm import check_slurm
+from trainer.launch.state import ACTIVE_STATES, job_state
 from trainer.run_files import read_metrics
-from trainer.sweep_file import SweepRecord
+from trainer.sweep_file import SweepRecord, attempts_text
+
+if TYPE_CHECKING:
+    from trainer.launch.retry import Retrier
 
 
 def _progress(run_dir: Path) -> tuple[int, float | None]:
@@ -31,8 +35,8 @@ def _progress(run_dir: Path) -> tuple[int, float | None]:
 
 
 def job_lines(sweep_dir: Path) -> tuple[list[dict], SweepRecord]:
-    """One entry per job of the sweep (architecture, grid point, seed): state, epoch, best accuracy,
-    log, failure."""
+    """One entry per job of the sweep (architecture, grid point, seed): state (and the words it
+    needs, `note`), epoch, best accuracy, log, failure."""
     record = sweep_file.read(sweep_dir)
     if record.executor == "slurm":
         check_slurm()
@@ -42,18 +46,18 @@ def job_lines(sweep_dir: Path) -> tuple[list[dict], SweepRecord]:
         epoch, best = _progress(run_dir)
         info = record.jobs.get(run.name)
         entry = {"name": run.name, "arch": run.arch, "job_id": info["job_id"] if info else None, "epoch": epoch, "best": best,
-                 "finished": (run_dir / "summary.json").exists(), "log": None, "error": None,
-                 "wandb": _wandb_link(run_dir)}
+                 "finished": (run_dir / "summary.json").exists(), "log": None, "error": None, "note": None,
+                 "wandb": _wandb_link(run_dir), "attempts": attempts_text(info)}
         if info is None:
             entry["state"] = "NOT SUBMITTED"
         elif info["job_id"] is None:  # --local: waiting in the launcher for a free slot
-            entry["state"] = "QUEUED"
+            entry["state"], entry["note"] = "QUEUED", "in the launcher, for a free slot"
         else:
-            job = job_handle(record.executor, sweep_dir, info["job_id"])
-            entry["state"] = job.state if record.executor == "slurm" else ("FINISHED" if job.paths.result_pickle.exists() else "RUNNING?")
-            entry["log"] = str(job.paths.stdout)
-            if entry["state"] in ("FAILED", "FINISHED", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY") and not entry["finished"]:
-                entry["error"] = _failure(job)
+            found = job_state(record.executor, sweep_dir, info["job_id"])
+            entry.update(state=found.state, note=found.note, log=str(found.log))
+            # A local job that raised or was killed failed even if it wrote its summary first.
+            if not entry["finished"] or found.state == "FAILED":
+                entry["error"] = found.error
         entries.append(entry)
     return entries, record
 
@@ -67,26 +71,20 @@ def _wandb_link(run_dir: Path) -> str | None:
         return None
 
 
-def _failure(job) -> str | None:
-    """The remote traceback of a job that ended without a summary (submitit keeps it)."""
-    try:
-        if not job.paths.result_pickle.exists():
-            return None
-        error = job.exception()
-        return str(error) if error is not None else None
-    except Exception as e:  # a half-written result file: say so rather than fail the status
-        return f"(could not read the job's result: {type(e).__name__}: {e})"
-
-
 def print_status(sweep_dir: Path) -> list[dict]:
     entries, record = job_lines(sweep_dir)
     width = name_width([e["name"] for e in entries])
+    states = [_state_text(e) for e in entries]
+    state_width = max([13, *map(len, states)])
     print(f"sweep {record.sweep} ({record.executor}, profile {record.profile}): {sweep_dir}")
-    print(f"  {'run':{width}s} {'state':13s} {'job':>10s}  {'epoch':>5s}  {'best':>7s}  summary  log")
-    for e in entries:
+    print(f"  {'run':{width}s} {'state':{state_width}s} {'job':>10s}  {'epoch':>5s}  {'best':>7s}  summary  log")
+    for e, state in zip(entries, states):
         best = f"{e['best']:.2f}%" if e["best"] is not None else "-"
-        print(f"  {e['name']:{width}s} {e['state']:13s} {e['job_id'] or '-':>10s}  {e['epoch']:5d}  {best:>7s}  "
+        print(f"  {e['name']:{width}s} {state:{state_width}s} {e['job_id'] or '-':>10s}  {e['epoch']:5d}  {best:>7s}  "
               f"{'yes' if e['finished'] else 'no':7s}  {e['log']}")
+    retried = [e for e in entries if e["attempts"]]
+    if retried:
+        print("  retried:" + "".join(f"\n    {e['name']:{width}s} {e['attempts']}" for e in retried))
     links = [e for e in entries if e["wandb"]]
     if links:
         print("  W&B:" + "".join(f"\n    {e['name']:{width}s} {e['wandb']}" for e in links))
@@ -96,20 +94,34 @@ def print_status(sweep_dir: Path) -> list[dict]:
     return entries
 
 
-def _terminal(e: dict) -> bool:
-    return e["finished"] or e["state"] not in ACTIVE_STATES | {"RUNNING?", "UNKNOWN", "NOT SUBMITTED", "QUEUED"}
+def _state_text(e: dict) -> str:
+    return f"{e['state']} ({e['note']})" if e["note"] else e["state"]
 
 
-def wait(sweep_dir: Path, poll_s: float = 5.0, step: Callable[[], bool] | None = None) -> int:
+def terminal(e: dict) -> bool:
+    return e["finished"] or e["state"] not in ACTIVE_STATES | {"UNKNOWN", "NOT SUBMITTED", "QUEUED"}
+
+
+def _failed(e: dict) -> bool:
+    """Whether the job did not end as it should: no summary, or (a local job) an exception or a kill."""
+    return not e["finished"] or e["state"] == "FAILED"
+
+
+def wait(sweep_dir: Path, poll_s: float = 5.0, step: Callable[[], bool] | None = None,
+         retrier: Retrier | None = None) -> int:
     """Blocks until every job of the sweep has ended, showing progress; 1 if any failed. `step` (the
     --local scheduler's) is called every poll: it starts queued jobs, and says whether any job still
     runs or waits, which decides the end: it sees its jobs' processes, so a job killed before it
-    wrote its result ends the wait too."""
+    wrote its result ends the wait too. `retrier` submits failed jobs again (--retries)."""
     last = None
     while True:
         busy = step() if step is not None else None
         entries, _ = job_lines(sweep_dir)
-        ended = not busy if step is not None else all(_terminal(e) for e in entries)
+        again = retrier is not None and retrier.check(entries)
+        if again:  # the retried jobs' new submissions, in the view
+            entries, _ = job_lines(sweep_dir)
+        settling = retrier is not None and retrier.settling
+        ended = not again and not settling and (not busy if step is not None else all(terminal(e) for e in entries))
         view = [(e["name"], e["state"], e["epoch"], e["finished"]) for e in entries]
         if view != last or ended:
             print_status(sweep_dir) if ended else _print_brief(entries)
@@ -127,12 +139,12 @@ def wait(sweep_dir: Path, poll_s: float = 5.0, step: Callable[[], bool] | None =
     except Exception as error:  # the jobs' outcome decides the exit code, not a failed report
         reason = (str(error).splitlines() or [""])[0]
         print(f"warning: the sweep report failed ({type(error).__name__}: {reason}); retry: python jobs/report.py {sweep_dir}")
-    failed = [e["name"] for e in entries if not e["finished"]]
+    failed = [e["name"] for e in entries if _failed(e)]
     if failed:
         print(f"\nnot finished: {', '.join(failed)}")
     return 1 if failed else 0
 
 
 def _print_brief(entries: list[dict]) -> None:
-    parts = [f"{e['name']}:{'DONE' if e['finished'] else e['state']}@{e['epoch']}" for e in entries]
+    parts = [f"{e['name']}:{e['state'] if _failed(e) else 'DONE'}@{e['epoch']}" for e in entries]
     print(f"[{datetime.now():%H:%M:%S}] " + "  ".join(parts), flush=True)

@@ -10,19 +10,21 @@
 
 The table below is the whole registry: adding a network means writing its
 constructor ``f(num_classes: int = 10, **its_options) -> nn.Module`` and one ``register``
-line. Architecture options (``models.build("mobilenet", output_stride=8)``) are the
-constructor's keyword arguments; options every network shares (GELU, BatchNorm settings,
-dirac init) are applied after the build by ``trainer.models.options.apply``.
+line naming it by path. Architecture options (``models.build("mobilenet", output_stride=8)``)
+are the constructor's keyword arguments; options every network shares (GELU, BatchNorm
+settings, dirac init) are applied after the build by ``trainer.models.options.apply``.
+
+The networks' modules, and torch with them, are imported by the first ``build``, not here:
+every command checks its input against the names, and a mistake is then one line at once
+rather than after seconds of imports (issue #21).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from trainer import UserError
-from trainer.models import airbench, alexnet, efficientnet, inception, mobilenet, resnet, resnet9, vgg
 from trainer.models.seed_table import SEED, SeedRow
 from trainer.models.registry import (
     DuplicateModelError,
@@ -30,6 +32,9 @@ from trainer.models.registry import (
     Registry,
     UnknownModelError,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "REGISTRY",
@@ -51,22 +56,38 @@ REGISTRY = Registry()
 
 # The seed's networks: name, constructor, the row of the seed's table (which gives the parameter
 # target), and the recipe the launcher trains it with (a file under jobs/configs/).
-REGISTRY.register("alexnet", alexnet.alexnet, seed_row="AlexNet", recipe="alexnet.yaml")
-REGISTRY.register("vgg_bn", vgg.vgg_bn, seed_row="VGG+BN", recipe="vgg_bn.yaml")
-REGISTRY.register("inception_bn", inception.inception_bn, seed_row="Inception+BN", recipe="inception_bn.yaml")
-REGISTRY.register("resnet", resnet.resnet, seed_row="ResNet", recipe="resnet.yaml")
-REGISTRY.register("mobilenet", mobilenet.mobilenet, seed_row="MobileNet", recipe="mobilenet.yaml")
-REGISTRY.register("mobilenet_big", mobilenet.mobilenet_big, seed_row="MobileNetBig", recipe="mobilenet_big.yaml")
-REGISTRY.register("efficientnet", efficientnet.efficientnet, seed_row="EfficientNet", recipe="efficientnet.yaml")
+REGISTRY.register("alexnet", "trainer.models.alexnet:alexnet", seed_row="AlexNet", recipe="alexnet.yaml")
+REGISTRY.register("vgg_bn", "trainer.models.vgg:vgg_bn", seed_row="VGG+BN", recipe="vgg_bn.yaml")
+REGISTRY.register("inception_bn", "trainer.models.inception:inception_bn", seed_row="Inception+BN",
+                  recipe="inception_bn.yaml")
+REGISTRY.register("resnet", "trainer.models.resnet:resnet", seed_row="ResNet", recipe="resnet.yaml")
+REGISTRY.register("mobilenet", "trainer.models.mobilenet:mobilenet", seed_row="MobileNet", recipe="mobilenet.yaml")
+REGISTRY.register("mobilenet_big", "trainer.models.mobilenet:mobilenet_big", seed_row="MobileNetBig",
+                  recipe="mobilenet_big.yaml")
+REGISTRY.register("efficientnet", "trainer.models.efficientnet:efficientnet", seed_row="EfficientNet",
+                  recipe="efficientnet.yaml")
 # Beyond the seed (parameter target in millions): its open question on parameter efficiency, and the
 # speed-training profile's networks: airbench94's own (jobs/configs/speed.yaml), Page's ResNet-9
 # (speed-resnet9.yaml) for comparison.
-REGISTRY.register("efficientnet_b0", efficientnet.efficientnet_b0, seed_row=None, params_target=4.0,
+REGISTRY.register("efficientnet_b0", "trainer.models.efficientnet:efficientnet_b0", seed_row=None, params_target=4.0,
                   recipe="efficientnet_b0.yaml")
-REGISTRY.register("airbench94", airbench.airbench94, seed_row=None, params_target=1.97, recipe="airbench94.yaml")
-REGISTRY.register("resnet9", resnet9.resnet9, seed_row=None, params_target=6.5, recipe="resnet9.yaml")
+REGISTRY.register("airbench94", "trainer.models.airbench:airbench94", seed_row=None, params_target=1.97,
+                  recipe="airbench94.yaml")
+REGISTRY.register("resnet9", "trainer.models.resnet9:resnet9", seed_row=None, params_target=6.5, recipe="resnet9.yaml")
 # For CPUs: the network of jobs/configs/tiny.yaml and of the tests that train.
-REGISTRY.register("resnet9_tiny", resnet9.resnet9_tiny, seed_row=None, params_target=0.413, recipe="tiny.yaml")
+REGISTRY.register("resnet9_tiny", "trainer.models.resnet9:resnet9_tiny", seed_row=None, params_target=0.413,
+                  recipe="tiny.yaml")
+
+# The networks' modules were once imported here, and so attributes of the package (`models.resnet`):
+# they still are, imported when first asked for.
+_NETWORK_MODULES = ("airbench", "alexnet", "efficientnet", "inception", "mobilenet", "resnet", "resnet9", "vgg")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NETWORK_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def build(name: str, num_classes: int = 10, **options: Any) -> nn.Module:
     """A freshly initialised network (no pretrained weights); UnknownModelError lists valid names.

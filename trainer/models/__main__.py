@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 
 from trainer.models import REGISTRY
-from trainer.models.flops import count_params, forward_flops
 
 TOLERANCE = 0.05  # parameter counts must be within +-5% of the target
 
@@ -19,6 +18,8 @@ def within_target(params: int, target_millions: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m trainer.models", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    from trainer.models.flops import count_params, forward_flops  # torch: after the command line checked out
+
     header = (
         f"{'name':<16} {'params':>11} {'params (M)':>10} {'GFLOPs (2 per MAC)':>18} "
         f"{'target (M)':>10} {'+-5%':>5}  seed row"

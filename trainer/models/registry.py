@@ -3,21 +3,27 @@
 The registry itself knows nothing about the networks; ``trainer/models/__init__.py``
 fills the package-wide instance with explicit ``register`` calls, so the set of
 models is visible in one place and does not depend on which script imported what.
+
+A constructor is registered by its path, ``"trainer.models.resnet:resnet"``, and imported when
+a network is first built: names, seed rows, parameter targets and recipes are known without
+torch, so a command refuses a mistaken name or config in a blink (issue #21).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from trainer import UserError
 from trainer.models.seed_table import SEED
 
-Constructor = Callable[..., nn.Module]
+if TYPE_CHECKING:
+    from torch import nn
+
+Constructor = Callable[..., "nn.Module"]
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -45,11 +51,12 @@ class ModelSpec:
     count, in millions, the implementation is sized to (10 classes, within +-5%): the
     seed's own count for its networks. ``recipe`` is the config file under jobs/configs/
     the launcher trains it with; None: the launcher refuses it rather than lend it another
-    network's recipe.
+    network's recipe. ``source`` is the constructor, or its ``"module:function"`` path, imported
+    by ``constructor`` when first asked for (with torch).
     """
 
     name: str
-    constructor: Constructor
+    source: str | Constructor
     seed_row: str | None
     params_target: float
     recipe: str | None = None
@@ -57,6 +64,13 @@ class ModelSpec:
     @property
     def is_seed(self) -> bool:
         return self.seed_row is not None
+
+    @property
+    def constructor(self) -> Constructor:
+        if callable(self.source):
+            return self.source
+        module, function = self.source.split(":")
+        return getattr(importlib.import_module(module), function)
 
 
 class Registry(Mapping[str, ModelSpec]):
@@ -68,16 +82,19 @@ class Registry(Mapping[str, ModelSpec]):
     def register(
         self,
         name: str,
-        constructor: Constructor,
+        constructor: str | Constructor,
         *,
         seed_row: str | None = None,
         params_target: float | None = None,
         recipe: str | None = None,
     ) -> ModelSpec:
-        """A seed network (``seed_row`` given) is sized to the seed table's count; any other
-        network states its ``params_target``."""
+        """``constructor``: the function, or its path ``"package.module:function"`` (imported on
+        the first build). A seed network (``seed_row`` given) is sized to the seed table's count;
+        any other network states its ``params_target``."""
         if name in self._specs:
             raise DuplicateModelError(f"model {name!r} is already registered")
+        if not callable(constructor) and len(constructor.split(":")) != 2:
+            raise ValueError(f"model {name!r}: constructor {constructor!r} is not a 'package.module:function' path")
         if (seed_row is None) == (params_target is None):
             raise ValueError(f"model {name!r}: give seed_row (a row of the seed's table) or params_target, not both")
         if seed_row is not None:

@@ -6,15 +6,17 @@
 Reads each run's summary.json and metrics.jsonl (runs) and writes into the sweep folder:
 
 - report.md and report.csv (table): one row per architecture with the seed's columns (best test
-  accuracy, params, best epoch, training accuracy, gap), the seed's accuracies beside ours with the
-  difference, GPU-seconds to the best epoch and training images/s; the data and device named above;
+  accuracy, params, best epoch, training accuracy, gap), the seed's published ("paper") accuracies
+  beside ours with the difference, GPU- or CPU-seconds to the best epoch and training images/s, and
+  flags (flags) on runs that saw too few images, ended near chance or overran their time budget;
+  the data and device named above;
 - deployment figures measured from each checkpoints/best.pt on the device at hand by
   trainer.bench.deploy: batch-1 latency, batch-256 throughput, peak memory and the size of the
   weights file (--no-deploy skips them);
 - the accuracy of an ensemble that averages the softmax outputs of the best checkpoints over the
   test set (default: every finished run), beside the best single model (ensemble);
 - plots/ (plots): accuracy vs parameters (the seed's points too), test accuracy by epoch, accuracy
-  vs GPU-seconds;
+  vs GPU-seconds, training loss by step (steps.jsonl);
 - a W&B run of job type `report` in the sweep's group holding the tables, interactive charts built
   from the table (accuracy vs parameters and vs compute, the curves) and the plots (wandb_run).
 
@@ -38,28 +40,20 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from trainer import UserError, cli
-from trainer.bench.deploy import DeployBudget, default_device, device_text, measure, method_text
-from trainer.data.common import DTYPES, default_threads
-from trainer.device import amp_dtype
+from trainer import UserError, cli, sweep_file
 from trainer.files import write_text_atomic
-from trainer.report.ensemble import EnsembleResult, ensemble_text, run_ensemble
-from trainer.report.plots import PLOTS, make_plots
-from trainer.report.runs import Run, find_runs, load_best
-from trainer.report.stats import grid_section, groups, has_grid, has_seeds, seeds_section
-from trainer.report.table import (
-    TABLE_NOTES,
-    comparison_rows,
-    csv_text,
-    deployment_table,
-    markdown_table,
-    not_finished_lines,
-    sweep_header,
-)
-from trainer.report.wandb_run import log_to_wandb, sync
+
+# The report's modules import torch (and matplotlib, wandb where used): seconds on a small CPU. They
+# are imported where the report is made, so that `python jobs/report.py` refuses a mistaken command
+# line or folder at once (issue #21; tests/test_entry_points.py checks it).
+if TYPE_CHECKING:
+    import torch
+
+    from trainer.bench.deploy import DeployBudget
+    from trainer.report.ensemble import EnsembleResult
+    from trainer.report.runs import Run
 
 
 @dataclass
@@ -85,16 +79,36 @@ def _choose_members(runs: list[Run], names: list[str] | None) -> list[Run]:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
-def measure_run(run: Run, device: torch.device, budget: DeployBudget = DeployBudget()) -> dict:
+def measure_run(run: Run, device: torch.device, budget: DeployBudget | None = None) -> dict:
     """The run's best.pt measured as it would be served: its data.dtype in, its autocast on."""
+    from trainer.bench.deploy import DeployBudget, measure
+    from trainer.data.common import DTYPES
+    from trainer.device import amp_dtype
+    from trainer.report.runs import load_best
+
     net = load_best(run, device)
-    return measure(net, device, DTYPES[run.config.data.dtype], amp_dtype(device, run.config.train.amp), budget)
+    return measure(net, device, DTYPES[run.config.data.dtype], amp_dtype(device, run.config.train.amp),
+                   DeployBudget() if budget is None else budget)
 
 
 def make_report(folder: Path, deploy: bool = True, ensemble: list[str] | None = None, use_ensemble: bool = True,
                 wandb_mode: str | None = None, out: Callable[[str], None] = print,
-                budget: DeployBudget = DeployBudget()) -> Report:
+                budget: DeployBudget | None = None) -> Report:
     """Reads the runs, measures, writes report.md, report.csv, plots/ and the W&B run; prints the report."""
+    import torch
+
+    from trainer.bench.deploy import DeployBudget, default_device, device_text, method_text
+    from trainer.data.common import default_threads
+    from trainer.report.ensemble import ensemble_text, run_ensemble
+    from trainer.report.plots import PLOTS, make_plots
+    from trainer.report.runs import find_runs
+    from trainer.report.stats import grid_section, groups, has_grid, has_seeds, seeds_section
+    from trainer.report.table import (
+        comparison_rows, csv_text, deployment_table, markdown_table, not_finished_lines, sweep_header, table_notes,
+    )
+    from trainer.report.wandb_run import log_to_wandb
+
+    budget = DeployBudget() if budget is None else budget
     folder = Path(folder)
     name, runs = find_runs(folder)
     members = _choose_members(runs, ensemble) if use_ensemble else []
@@ -103,7 +117,7 @@ def make_report(folder: Path, deploy: bool = True, ensemble: list[str] | None = 
             print(f"warning: {r.problem}", file=sys.stderr)
 
     order, rows = comparison_rows(runs)
-    sections = [sweep_header(name, runs), "", markdown_table(runs), "", TABLE_NOTES]
+    sections = [sweep_header(name, runs), "", markdown_table(runs), "", table_notes(runs)]
     found = groups(runs)
     if has_seeds(found):  # several seeds of one architecture (and grid point): mean, std, interval
         sections += ["", seeds_section(found)]
@@ -112,6 +126,9 @@ def make_report(folder: Path, deploy: bool = True, ensemble: list[str] | None = 
     missing = not_finished_lines(runs)
     if missing:
         sections += ["", "Not in the table, or with files that could not be read:", *missing]
+    retried = sweep_file.retried_lines(folder)  # launch.py --retries: each attempt's end and cause
+    if retried:
+        sections += ["", "Jobs retried (sweep.json):", *retried]
 
     device = default_device()
     torch.set_num_threads(default_threads())  # the cores this process may use (SLURM's affinity), as the trainer
@@ -177,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--ensemble: give run names, e.g. --ensemble resnet,mobilenet")
 
     def run() -> int:
+        if not args.folder.is_dir():  # before the report's imports (see the top): at once
+            raise UserError(f"{args.folder}: not a folder")
         if args.sync:
+            from trainer.report.wandb_run import sync
+
             return sync(args.folder)
         make_report(args.folder, deploy=not args.no_deploy, ensemble=names, use_ensemble=not args.no_ensemble,
                     wandb_mode=args.wandb_mode)

@@ -1,9 +1,12 @@
-"""The report's three PNGs under plots/: accuracy vs parameters (the seed's networks too), test
-accuracy by epoch, and accuracy vs the device-seconds spent. With seeds, an architecture (at a grid
-point) is one colour and one point at its mean, with the 95% interval of the mean as error bars."""
+"""The report's four PNGs under plots/: accuracy vs parameters (the seed's networks too), test
+accuracy by epoch, accuracy vs the device-seconds spent, and the training loss by step (steps.jsonl:
+drawn for every sweep, since a run of a few epochs has a few points in the others). With seeds, an
+architecture (at a grid point) is one colour and one point at its mean, with the 95% interval of the
+mean as error bars. Every legend is outside the axes, below them, so that it covers no point."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ PLOTS = {  # file name under plots/ -> title
     "acc_vs_params.png": "Best test accuracy vs parameters",
     "test_acc_curves.png": "Test accuracy by epoch",
     "acc_vs_seconds.png": "Test accuracy vs device-seconds",
+    "train_loss_steps.png": "Training loss by step",
 }
+LEGEND_ROW_INCHES = 0.2  # the figure grows by this per row of legend, so the axes keep their size
 
 
 def _seconds_label(finished: list[Run]) -> str:
@@ -38,8 +43,29 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def _legend_below(fig: Any, ax: Any) -> None:
+    """The axes' legend, if it has entries, below the axes: constrained layout makes room for it,
+    and the figure grows by its rows."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    columns = min(len(labels), 2 if max(map(len, labels)) > 40 else 3)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + LEGEND_ROW_INCHES * math.ceil(len(labels) / columns))
+    fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize=8)
+
+
 def make_plots(runs: list[Run], folder: Path) -> list[Path]:
-    """The three PNGs under folder/plots/, drawn on matplotlib's Agg canvas (no display needed)."""
+    """The PNGs of PLOTS under folder/plots/."""
+    paths = [folder / "plots" / name for name in PLOTS]
+    for (fig, _), path in zip(draw_plots(runs), paths):
+        _save(fig, path)
+    return paths
+
+
+def draw_plots(runs: list[Run]) -> list[tuple[Any, Any]]:
+    """The figures of PLOTS, in its order, as (figure, axes), drawn on matplotlib's Agg canvas (no
+    display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -52,7 +78,6 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
     finished = [r for r in ordered if r.finished]
     several = [g for g in found.values() if g.test is not None and g.test.n > 1]
     seconds = _seconds_label(finished)
-    paths = [folder / "plots" / name for name in PLOTS]
     figures = []
     for title in PLOTS.values():
         fig = Figure(figsize=(8, 5.5), layout="constrained")
@@ -81,14 +106,13 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
             ax.errorbar(*xy, yerr=g.test.half_width, color=group_colour[key], capsize=4, linewidth=1.2)
         name = g.finished[0].name if g.test.n == 1 else f"{g.label}, n={g.test.n}"
         ax.annotate(f"{name} ({seconds_text(spent)} s)", xy, textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.scatter([], [], s=60, marker="s", facecolors="none", edgecolors="grey", label="seed")
+    ax.scatter([], [], s=60, marker="s", facecolors="none", edgecolors="grey", label="paper (the seed's table)")
     ax.scatter([], [], s=60, color="grey", alpha=0.7, label=f"this sweep (area ∝ training {seconds.split(' (')[0]})")
     if several:
         ax.errorbar([], [], yerr=[], color="grey", capsize=4, label="mean over seeds, 95% interval")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (millions, log scale)")
     ax.set_ylabel("best test accuracy %" + (" (mean over seeds)" if several else ""))
-    ax.legend(loc="lower right", fontsize=8)
 
     # Test accuracy by epoch; unfinished runs dashed.
     ax = figures[1][1]
@@ -118,9 +142,20 @@ def make_plots(runs: list[Run], folder: Path) -> list[Path]:
     ax.set_xlabel(seconds)
     ax.set_ylabel("test accuracy %")
 
-    for fig, ax in figures[1:]:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    for (fig, _), path in zip(figures, paths):
-        _save(fig, path)
-    return paths
+    # Training loss by step, every logging.log_every steps; unfinished runs dashed.
+    ax = figures[3][1]
+    for r in ordered:
+        if r.steps:
+            ax.plot([p["step"] for p in r.steps], [p["loss"] for p in r.steps], marker="." if len(r.steps) < 50 else None,
+                    linestyle="-" if r.finished else "--", color=colour[r.name],
+                    label=r.name if r.finished else f"{r.name} ({r.detail})")
+    if not any(r.steps for r in ordered):
+        ax.text(0.5, 0.5, "no training loss by step recorded: runs from before steps.jsonl,\n"
+                "or shorter than logging.log_every steps", transform=ax.transAxes, ha="center", va="center")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (mean since the previous point)")
+
+    for fig, ax in figures:
+        _legend_below(fig, ax)
+    return figures

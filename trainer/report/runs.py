@@ -1,8 +1,10 @@
-"""Reading a sweep's run folders for the report: each run's status, summary, metrics and config."""
+"""Reading a sweep's run folders for the report: each run's status, summary, metrics, steps and config."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,9 +12,9 @@ from typing import Any
 import torch
 
 from trainer import UserError, models, sweep_file
-from trainer.config import Config, load_config
+from trainer.config import Config, load_config, to_dict
 from trainer.models import options as model_options
-from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, SUMMARY, read_metrics
+from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, STEPS, SUMMARY, read_metrics, read_steps
 from trainer.training import checkpoint
 
 SUMMARY_NUMBERS = ("best_test_acc", "best_epoch", "train_acc", "gap", "params", "epochs_run", "wall_time_s",
@@ -22,6 +24,8 @@ METRIC_KEYS = ("epoch", "elapsed_s")  # what the table and plots read from every
 # Numbers when there: an epoch that train.eval_every did not evaluate has no test_acc, and a run's
 # end evaluated on its own (a resumed run ended sooner) has a line without training figures.
 OPTIONAL_METRIC_KEYS = ("test_acc", "images_per_s")
+STEP_KEYS = ("step", "loss")  # what the loss-by-step plot reads from every line of steps.jsonl
+OPTIONAL_STEP_KEYS = ("epoch", "lr")
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Run:
     config: Config | None = None
     problem: str | None = None  # a file that could not be read, named in one line
     point: str | None = None  # the grid point (sweep.json), e.g. "lr0.05-ema0"; None without a grid
+    steps: list[dict] = field(default_factory=list)  # steps.jsonl: the training loss every logging.log_every steps
 
     @property
     def group(self) -> tuple[str, str | None]:
@@ -72,26 +77,27 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
-    """Every readable epoch, and what was left out in one line: a line cut short by a crash or a
-    full disk costs that line, not the run's whole history."""
+def _read_checked(path: Path, reader: Callable, required: tuple[str, ...], optional: tuple[str, ...],
+                  what: str) -> tuple[list[dict], str | None]:
+    """Every readable line (`what`: an epoch of metrics.jsonl, a step of steps.jsonl), and what was
+    left out in one line: a line cut short by a crash or a full disk costs that line, not the run's
+    whole history."""
     skipped: list[str] = []
     try:
-        rows = read_metrics(path, skipped)
+        rows = reader(path, skipped)
     except OSError as e:
         return [], f"{path}: unreadable ({e.strerror or e})"
     good = []
     for row in rows:
-        if (all(is_number(row.get(k)) for k in METRIC_KEYS)
-                and all(is_number(row[k]) for k in OPTIONAL_METRIC_KEYS if k in row)):
+        if all(is_number(row.get(k)) for k in required) and all(is_number(row[k]) for k in optional if k in row):
             good.append(row)
         else:
-            skipped.append(f"{path}: epoch {row.get('epoch', '?')} lacks a number for one of "
-                           f"{', '.join(METRIC_KEYS + OPTIONAL_METRIC_KEYS)}")
+            skipped.append(f"{path}: {what} {row.get(required[0], '?')} lacks a number for one of "
+                           f"{', '.join(required + optional)}")
     if not skipped:
         return good, None
     more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-    return good, f"{skipped[0]}{more}; left out, the other {len(good)} epochs kept"
+    return good, f"{skipped[0]}{more}; left out, the other {len(good)} {what}s kept"
 
 
 def evaluated(metrics: list[dict]) -> list[dict]:
@@ -108,12 +114,14 @@ def read_run(name: str, run_dir: Path) -> Run:
         config = load_config(config_path, archs=models.names())
     except UserError as e:  # missing, or written by an older version of the code
         problem = f"{config_path}: unreadable ({e})"
-    metrics, metrics_problem = _read_metrics(run_dir / METRICS)
-    problem = problem or metrics_problem
+    metrics, metrics_problem = _read_checked(run_dir / METRICS, read_metrics, METRIC_KEYS, OPTIONAL_METRIC_KEYS, "epoch")
+    steps, steps_problem = _read_checked(run_dir / STEPS, read_steps, STEP_KEYS, OPTIONAL_STEP_KEYS, "step")
+    problem = problem or metrics_problem or steps_problem
     if not summary_path.exists():
         epochs = config.train.epochs if config is not None else "?"
         done = metrics[-1]["epoch"] if metrics else 0
-        return Run(name, run_dir, "unfinished", f"unfinished: epoch {done} of {epochs}", None, metrics, config, problem)
+        return Run(name, run_dir, "unfinished", f"unfinished: epoch {done} of {epochs}", None, metrics, config, problem,
+                   steps=steps)
     try:
         summary = json.loads(summary_path.read_text())
         if not isinstance(summary, dict):
@@ -126,8 +134,45 @@ def read_run(name: str, run_dir: Path) -> Run:
             raise ValueError(f"not a number: {', '.join(wrong)}")
     except (OSError, ValueError) as e:
         why = f"{summary_path}: corrupt summary ({type(e).__name__}: {e})"
-        return Run(name, run_dir, "corrupt", "corrupt summary.json", None, metrics, config, why)
-    return Run(name, run_dir, "finished", "finished", summary, metrics, config, problem)
+        return Run(name, run_dir, "corrupt", "corrupt summary.json", None, metrics, config, why, steps=steps)
+    # A non-finite figure (a run whose loss went NaN) is named, and left out of the statistics.
+    odd = [f"{k}={summary[k]}" for k in ("best_test_acc", "train_acc", "test_acc_at_best_val")
+           if is_number(summary.get(k)) and not math.isfinite(summary[k])]
+    if odd:
+        problem = problem or f"{summary_path}: {', '.join(odd)}: not a finite number, left out of the statistics"
+    return Run(name, run_dir, "finished", "finished", summary, metrics, config, problem, steps=steps)
+
+
+# Keys that do not change what a run computes (where it reads its data, how this machine runs it,
+# where it logs), and the seed: runs whose configs differ only in these are seeds of one recipe.
+SAME_RECIPE_KEYS = ("train.seed", "train.threads", "train.compile", "train.stop_check_s", "train.dist_timeout_s",
+                    "data.dir", "data.num_workers")
+
+
+def _recipe(config: Config | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()
+            if section != "logging" and f"{section}.{key}" not in SAME_RECIPE_KEYS}
+
+
+def separate_recipes(runs: list[Run]) -> None:
+    """Runs of one architecture and grid point whose configs differ in more than the seed (two
+    launches into one sweep with other overrides, a folder of unrelated runs) are not seeds of one
+    point: each recipe gets a point of its own, named by what differs (`optim.lr=0.2`)."""
+    by_point: dict[tuple[str, str | None], list[Run]] = {}
+    for run in runs:
+        by_point.setdefault((run.arch, run.point), []).append(run)
+    for (_, point), same in by_point.items():
+        recipes = [_recipe(r.config) for r in same]
+        known = [r for r in recipes if r is not None]
+        if all(r == known[0] for r in known):
+            continue
+        differ = sorted({k for r in known for k in r if any(o.get(k) != r.get(k) for o in known)})
+        for run, recipe in zip(same, recipes):
+            if recipe is not None:
+                label = " ".join(f"{k}={recipe.get(k)}" for k in differ)
+                run.point = f"{point} {label}" if point else label
 
 
 def find_runs(folder: Path) -> tuple[str, list[Run]]:
@@ -141,13 +186,16 @@ def find_runs(folder: Path) -> tuple[str, list[Run]]:
             run.point = job.point
         if all(r.status == "not started" for r in runs):
             raise UserError(f"{folder}: no runs at all: none of the sweep's {len(runs)} runs has a run folder yet")
+        separate_recipes(runs)
         return record.sweep, runs
     run_dirs = sorted(p.parent for p in folder.glob(f"*/{CONFIG}"))
     if not run_dirs:
         hint = "; it is a run folder itself: pass the folder above it" if (folder / CONFIG).exists() else ""
         raise UserError(f"{folder}: not a sweep folder (no sweep.json) and no run folders in it "
                         f"(subfolders with config.yaml){hint}")
-    return folder.resolve().name, [read_run(p.name, p) for p in run_dirs]
+    runs = [read_run(p.name, p) for p in run_dirs]
+    separate_recipes(runs)
+    return folder.resolve().name, runs
 
 
 def load_best(run: Run, device: torch.device, channels_last: bool = True) -> torch.nn.Module:

@@ -88,13 +88,15 @@ class Group:
     @property
     def test(self) -> Stats | None:
         """Over the seeds' best test accuracies (each run's best epoch, as the seed's table)."""
-        return stats([primary_acc(r.summary) for r in self.finished])
+        return stats([a for a in (primary_acc(r.summary) for r in self.finished) if math.isfinite(a)])  # NaN: named by read_run
 
     @property
     def val(self) -> Stats | None:
         """Over the seeds' validation accuracies: only when every finished run recorded one."""
         values = [r.summary.get("val_acc") for r in self.finished]
-        return stats(values) if values and all(is_number(v) for v in values) else None
+        if not values or not all(is_number(v) for v in values):
+            return None
+        return stats([v for v in values if math.isfinite(v)])
 
 
 def groups(runs: list[Run]) -> list[Group]:

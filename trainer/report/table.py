@@ -1,22 +1,29 @@
 """The comparison with the seed's table: one row per run, as markdown (rounded) and CSV (full precision),
-with the data and device named above it and the runs that are missing listed below it."""
+with the data and device named above it and the runs that are missing listed below it.
+
+The seed's table's figures are the "paper" columns (paper_test_acc, ...): published figures, beside
+runs that have random seeds of their own (train_seed). A finished run whose accuracy means little
+(too few images, near chance) or that overran its time budget is flagged (flags.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from typing import Any
 
 from trainer import models
 from trainer.data.checks import describe_record
+from trainer.report.flags import FLAG_NOTES, MARK, flags, images_seen
 from trainer.report.runs import Run, primary_acc
 from trainer.report.stats import Group, best_points, groups, has_grid
 
 COLUMNS = [
-    "arch", "status", "test_acc", "seed_test_acc", "test_acc_delta", "params", "seed_params_m", "best_epoch",
-    "seed_best_epoch", "train_acc", "seed_train_acc", "train_acc_delta", "gap", "seed_gap", "gpu_s_to_best",
-    "cpu_s_to_best", "train_images_per_s", "epochs_run", "world_size", "device",
+    # flag: "; "-separated, e.g. "too few images: 21k seen (one pass: 50k); near chance (10%)" (flags.py)
+    "arch", "status", "test_acc", "flag", "paper_test_acc", "test_acc_delta", "params", "paper_params_m", "best_epoch",
+    "paper_best_epoch", "train_acc", "paper_train_acc", "train_acc_delta", "gap", "paper_gap", "gpu_s_to_best",
+    "cpu_s_to_best", "train_images_per_s", "epochs_run", "images_seen", "world_size", "device",
     # the deployment figures (empty with --no-deploy)
     "deploy_device", "deploy_precision", "latency_b1_ms", "throughput_b256_img_s", "peak_mem_mb", "model_file_bytes",
     # seeds and grids: the run's architecture, grid point and seed, its validation accuracy if
@@ -52,8 +59,8 @@ def comparison_row(run: Run, group: Group | None = None, best: bool | None = Non
     seed = models.seed_row(run.arch)
     if seed is not None:
         _, theirs = seed
-        row.update(seed_test_acc=theirs.test_acc, seed_params_m=theirs.params_m, seed_best_epoch=theirs.best_epoch,
-                   seed_train_acc=theirs.train_acc, seed_gap=theirs.gap)
+        row.update(paper_test_acc=theirs.test_acc, paper_params_m=theirs.params_m, paper_best_epoch=theirs.best_epoch,
+                   paper_train_acc=theirs.train_acc, paper_gap=theirs.gap)
     if not run.finished:
         return row
     summary = run.summary
@@ -66,7 +73,8 @@ def comparison_row(run: Run, group: Group | None = None, best: bool | None = Non
         selected_by=summary.get("selected_by", "test"), best_test_acc=summary["best_test_acc"],
         train_acc=summary["train_acc"], gap=summary["gap"], gpu_s_to_best=to_best if run.on_gpu else None,
         cpu_s_to_best=None if run.on_gpu else to_best, train_images_per_s=rate, epochs_run=summary["epochs_run"],
-        world_size=summary["world_size"], device=summary["device"],
+        world_size=summary["world_size"], device=summary["device"], images_seen=images_seen(run),
+        flag="; ".join(text for _, text in flags(run)) or None,
     )
     if seed is not None:
         row.update(test_acc_delta=primary_acc(summary) - seed[1].test_acc,
@@ -79,8 +87,13 @@ def table_order(runs: list[Run]) -> list[Run]:
     point, over seeds; one run alone is its own mean), each group's seeds together, best first;
     then the others in the sweep's order."""
     mean = {(g.arch, g.point): g.test.mean for g in groups(runs) if g.test is not None}
+
+    def last_if_not_finite(acc: float) -> float:  # NaN compares false with everything: it would scramble the order
+        return acc if math.isfinite(acc) else float("-inf")
+
     finished = sorted((r for r in runs if r.finished),
-                      key=lambda r: (-mean[r.group], r.group[0], r.group[1] or "", -primary_acc(r.summary)))
+                      key=lambda r: (-mean.get(r.group, float("-inf")), r.group[0], r.group[1] or "",
+                                     -last_if_not_finite(primary_acc(r.summary))))
     return finished + [r for r in runs if not r.finished]
 
 
@@ -101,42 +114,65 @@ def seconds_text(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+# The markdown table's columns: (header, alignment, whether left out when no row has a value).
+MD_COLUMNS = [
+    ("arch", "---", False), ("test acc %", "---:", False), ("flags", "---", True), ("paper", "---:", False),
+    ("Δ", "---:", False), ("params M", "---:", False), ("best epoch", "---:", False), ("train acc %", "---:", False),
+    ("paper", "---:", False), ("Δ", "---:", False), ("gap", "---:", False), ("GPU-s to best ¹", "---:", True),
+    ("CPU-s to best ¹", "---:", True), ("train img/s ²", "---:", False), ("best test % ³", "---:", False),
+]
+
+
+def _markdown_cells(run: Run) -> list[str | None]:
+    """The run's cells in MD_COLUMNS' order, rounded; None where there is no value."""
+    r = comparison_row(run)
+    paper_test, paper_train = number_or_dash(r["paper_test_acc"]), number_or_dash(r["paper_train_acc"])
+    if not run.finished:
+        return [r["arch"], r["status"], None, paper_test, None, None, None, None, paper_train, None, None, None, None,
+                None, None]
+    found = flags(run)
+    flag_text = "; ".join(f"{text} {MARK[kind]}" for kind, text in found) or None
+    gpu_s = seconds_text(r["gpu_s_to_best"]) if r["gpu_s_to_best"] is not None else None
+    cpu_s = seconds_text(r["cpu_s_to_best"]) if r["cpu_s_to_best"] is not None else None
+    rate, first_only = train_images_per_s(run.metrics)
+    return [r["arch"], f"{r['test_acc']:.2f}", flag_text, paper_test, number_or_dash(r["test_acc_delta"], "+.2f"),
+            f"{r['params'] / 1e6:.2f}", str(r["best_epoch"]), f"{r['train_acc']:.2f}", paper_train,
+            number_or_dash(r["train_acc_delta"], "+.2f"), f"{r['gap']:.2f}", gpu_s, cpu_s,
+            number_or_dash(rate, ",.0f") + (" †" if first_only else ""), f"{r['best_test_acc']:.2f}"]
+
+
 def markdown_table(runs: list[Run]) -> str:
-    lines = ["| arch | test acc % | seed | Δ | params M | best epoch | train acc % | seed | Δ | gap "
-             "| GPU-s to best ¹ | train img/s ² | best test % ³ |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for run in table_order(runs):
-        r = comparison_row(run)
-        seed_test, seed_train = number_or_dash(r["seed_test_acc"]), number_or_dash(r["seed_train_acc"])
-        if not run.finished:
-            lines.append(f"| {r['arch']} | {r['status']} | {seed_test} | - | - | - | - | {seed_train} | - | - | - | - | - |")
-            continue
-        if r["gpu_s_to_best"] is not None:
-            device_s = seconds_text(r["gpu_s_to_best"])
-        else:
-            device_s = f"- ({seconds_text(r['cpu_s_to_best'])} CPU-s)"
-        rate, first_only = train_images_per_s(run.metrics)
-        rate_text = number_or_dash(rate, ",.0f") + (" †" if first_only else "")
-        lines.append(
-            f"| {r['arch']} | {r['test_acc']:.2f} | {seed_test} | {number_or_dash(r['test_acc_delta'], '+.2f')} "
-            f"| {r['params'] / 1e6:.2f} | {r['best_epoch']} | {r['train_acc']:.2f} | {seed_train} "
-            f"| {number_or_dash(r['train_acc_delta'], '+.2f')} | {r['gap']:.2f} | {device_s} | {rate_text} "
-            f"| {r['best_test_acc']:.2f} |"
-        )
+    """The comparison, one row per run in the table's order; the GPU-s, CPU-s and flags columns
+    are left out when no run has a value in them (a sweep on the CPU has no GPU-seconds)."""
+    rows = [_markdown_cells(run) for run in table_order(runs)]
+    shown = [i for i, (_, _, optional) in enumerate(MD_COLUMNS) if not optional or any(row[i] is not None for row in rows)]
+    blank = {2: ""}  # an unflagged run's flags cell is empty, not "-"
+    lines = ["| " + " | ".join(MD_COLUMNS[i][0] for i in shown) + " |",
+             "| " + " | ".join(MD_COLUMNS[i][1] for i in shown) + " |"]
+    for row in rows:
+        cells = [row[i] if row[i] is not None else blank.get(i, "-") for i in shown]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 TABLE_NOTES = (
     "Test accuracy is at each run's selected epoch: chosen on its validation split (data.val_split) when it "
     "had one, else its best test epoch (as the seed's table has it); best epoch, train accuracy and the gap "
-    "(train − test) are that epoch's. Seed: the seed's figure; Δ: ours − seed's.\n"
-    "¹ Wall time of training and evaluation up to the end of the best epoch × processes (one GPU each). "
-    "Runs on the CPU have no GPU-seconds: their cell gives the same product as CPU-s (wall time × processes).\n"
+    "(train − test) are that epoch's. Paper: the published figure of the seed's table (README, \"The table to "
+    "beat\": 150 epochs configured, early stopping); Δ: ours − paper's.\n"
+    "¹ Wall time of training and evaluation up to the end of the best epoch × processes: GPU-s for runs on "
+    "CUDA (one GPU each), CPU-s for runs on the CPU.\n"
     "² The median over the epochs after the first, which includes compilation and the loader's start-up; "
     "† marks a run with one epoch only, whose figure includes that start-up.\n"
     "³ The best test accuracy over all epochs, chosen on the test set as the seed's table was: equal to the "
     "test accuracy for runs without a validation split."
 )
+
+
+def table_notes(runs: list[Run]) -> str:
+    """The notes under the table, with the footnotes of the flags its runs have."""
+    marks = sorted({MARK[kind] for run in runs for kind, _ in flags(run)})
+    return "\n".join([TABLE_NOTES, *(FLAG_NOTES[m] for m in marks)])
 
 
 def sweep_header(name: str, runs: list[Run]) -> str:

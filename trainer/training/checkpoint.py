@@ -21,6 +21,7 @@ import pickle
 import random
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,11 @@ def load(path: Path) -> dict[str, Any]:
     """A checkpoint's content, read with weights_only=True; ValueError with the reason in one line
     if the file is missing, cut short, not a checkpoint, or would run code when unpickled."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A raw pickle (not torch.save's zip) draws torch's warning about its pickle protocol
+            # before the refusal: the refusal is the one line to show.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong types: all mean "not usable"
         raise ValueError(describe_load_error(e)) from None
     if not isinstance(state, dict):
@@ -166,6 +171,34 @@ def _check_same_split(folder: Path, saved: dict, cfg: Config) -> None:
                         f"{now[0]} and {now[1]}; resume it with its own values, or use another --run-dir")
 
 
+# What a resumed run may change: when it stops or evaluates, where it reports, and how this machine
+# runs it (the same data in another folder, workers, threads, compiling). Anything else (the recipe,
+# the data it trains on, the seed, the precision) would make the folder's config.yaml claim the whole
+# run trained as the resumed part did.
+RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.budget_s", "train.eval_every", "train.stop_check_s",
+                     "train.dist_timeout_s", "train.threads", "train.compile", "data.dir", "data.num_workers",
+                     "logging.")
+
+
+def _check_same_recipe(folder: Path, saved: Mapping[str, Any], cfg: Config) -> None:
+    """Refuses a resume whose config differs from the run's beyond RESUMABLE_CHANGES. Sections and
+    keys a checkpoint predates had their defaults."""
+    now = to_dict(cfg)
+    defaults = to_dict(Config(model=ModelConfig(arch=cfg.model.arch)))
+    changed = []
+    for section, values in now.items():
+        before = {**defaults[section], **(saved.get(section) or {})}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if before.get(key) != value and not any(name == k or (k.endswith(".") and name.startswith(k))
+                                                    for k in RESUMABLE_CHANGES):
+                changed.append(f"{name}={before.get(key)!r} (now {value!r})")
+    if changed:
+        raise UserError(f"{folder}: this run began with {', '.join(changed)}; a resumed run trains as it began "
+                        "(only when it stops, where it logs and how this machine runs it may change); resume "
+                        "without those overrides, or use another --run-dir")
+
+
 class Checkpointer:
     """The run's checkpoints in `folder`: it owns the state saved and restored. `parts` are the run's
     stateful parts (each with state_dict and load_state_dict; None where this run has none) under the
@@ -227,6 +260,7 @@ class Checkpointer:
             raise UserError(f"{folder}: holds a '{state['arch']}' run, not '{cfg.model.arch}'; use another --run-dir")
         _check_same_split(folder, state["config"]["data"], cfg)
         _check_same_model(folder, state["config"].get("model", {}), cfg)
+        _check_same_recipe(folder, state["config"], cfg)
         for name, part in self.parts.items():
             # e.g. an EMA or lookahead switched on when resuming starts afresh (absent: written before it existed)
             if part is not None and state.get(name) is not None:

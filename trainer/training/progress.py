@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -27,19 +27,34 @@ class Plan:
     total_steps: int  # the plan: training ends after this many steps, the schedule reaches zero there
     epochs: float  # total_steps in epochs
     images_per_s: float  # global images per second while training (steps only)
+    # The re-fits of the plan's rest during the run: (at_step, step_s, total_steps) each, the step
+    # time measured since the fit before it and the total fitted from it.
+    refits: tuple[tuple[int, float, int], ...] = ()
+    # Where the clock ended the plan (the budget's time up): its reading then; None otherwise.
+    time_up_at_s: float | None = None
+
+    def refitted(self, at_step: int, step_s: float, total_steps: int, steps_per_epoch: int) -> Plan:
+        return replace(self, total_steps=total_steps, epochs=total_steps / steps_per_epoch,
+                       refits=(*self.refits, (at_step, step_s, total_steps)))
+
+    def ended(self, at_step: int, elapsed_s: float, steps_per_epoch: int) -> Plan:
+        """The plan ended at `at_step` by the clock (`elapsed_s`): the budget's time is up."""
+        return replace(self, total_steps=at_step, epochs=at_step / steps_per_epoch, time_up_at_s=elapsed_s)
 
     def record(self, elapsed_s: float) -> dict[str, Any]:
-        """summary.json's `budget`: the plan, and how the run used the budget."""
+        """summary.json's `budget`: the plan (as re-fitted), and how the run used the budget."""
         return {"budget_s": self.budget_s, "fitted_steps": self.total_steps, "fitted_epochs": self.epochs,
                 "images_per_s": self.images_per_s, "calibrated_at_step": self.calibrated_at, "step_s": self.step_s,
                 "eval_s": self.eval_s, "checkpoint_s": self.checkpoint_s, "margin_s": self.margin_s,
-                "used_s": elapsed_s, "within_budget": elapsed_s <= self.budget_s}
+                "refits": [{"at_step": at, "step_s": step_s, "total_steps": total} for at, step_s, total in self.refits],
+                "time_up_at_s": self.time_up_at_s, "used_s": elapsed_s, "within_budget": elapsed_s <= self.budget_s}
 
     def describe(self) -> str:
         return (f"budget plan: {self.total_steps} steps ({self.epochs:.2f} epochs) in train.budget_s={self.budget_s:g}"
                 f" (fitted at step {self.calibrated_at}: {self.step_s * 1000:.1f} ms/step, "
                 f"{self.images_per_s:,.0f} img/s, evaluation {self.eval_s:.1f} s, checkpoint {self.checkpoint_s:.2f} s, "
                 f"margin {self.margin_s:.1f} s)")
+
 
 @dataclass(frozen=True)
 class Best:
@@ -117,7 +132,9 @@ class Progress:
                    "last_train_acc": best["train_acc"]}
         values = {f.name: state[f.name] if f.name in state or f.name not in implied else implied[f.name]
                   for f in fields(cls)}
-        plan = Plan(**values["plan"]) if values["plan"] is not None else None
+        plan = values["plan"]
+        if plan is not None:  # re-fits: tuples again (a checkpoint before them has none)
+            plan = Plan(**{**plan, "refits": tuple(tuple(r) for r in plan.get("refits", ()))})
         return cls(**{**values, "best": Best(**best), "plan": plan})
 
 

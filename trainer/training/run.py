@@ -22,33 +22,37 @@ over; --restart starts it over deliberately, keeping the old folder under anothe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainer import UserError, cli, distributed, models, run_files
+# Only what checks a command: the training stack (torch, ffcv, wandb, submitit: seconds on a small
+# CPU) is imported by _train, once the command line and the config have checked out, so that a
+# mistake in either is one line at once (issue #21).
+from trainer import UserError, cli, models, run_files
 from trainer.config import Config, load_config, to_yaml
-from trainer.device import amp_choice, device_name
-from trainer.distributed import Dist
 from trainer.files import remove_stale_temp_files, write_text_atomic
-from trainer.logger import make_logger
-from trainer.training import checkpoint
-from trainer.training.collectives import broadcast_object
-from trainer.training.run_folder import claim_on_every_rank
-from trainer.training.stopping import Stopped
-from trainer.training.trainer import Trainer
+
+if TYPE_CHECKING:
+    from trainer.distributed import Dist
 
 
 def _run_dir(cfg: Config, requested: Path | None, group: Dist) -> Path:
     """The run folder: as asked, or runs/<arch>-<timestamp> chosen by rank 0 for every rank."""
+    from trainer.training.collectives import broadcast_object
+
     if requested is not None:
         return requested
     return Path(broadcast_object(f"runs/{cfg.model.arch}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", group))
 
 
-def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | None) -> Config:
+def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | None, restart: bool) -> Config:
+    """The command's config, and the checks of its arguments that need no torch."""
+    if restart and run_dir is None:
+        raise UserError("--restart needs --run-dir: the folder of the run to start over")
     if config is not None:
         return load_config(config, overrides, archs=models.names())
     if run_dir is not None and (run_dir / run_files.CONFIG).is_file():
@@ -59,6 +63,8 @@ def _load_run_config(config: Path | None, overrides: list[str], run_dir: Path | 
 def _start_writing(cfg: Config, run_dir: Path) -> list[Path]:
     """The first writes of a command known to be valid for its folder: removes the temporary files
     of saves killed mid-write, and writes config.yaml if it changed. Returns the files removed."""
+    from trainer.training import checkpoint
+
     stale = checkpoint.remove_stale_saves(run_dir / run_files.CHECKPOINTS)
     for name in (run_files.CONFIG, run_files.METRICS, run_files.SUMMARY):
         stale += remove_stale_temp_files(run_dir / name)
@@ -66,6 +72,14 @@ def _start_writing(cfg: Config, run_dir: Path) -> list[Path]:
     if not config_path.is_file() or config_path.read_text() != text:
         write_text_atomic(config_path, text)
     return stale
+
+
+def _as_followed(cfg: Config, plan: Any) -> Config:
+    """The config the run follows: a resumed budgeted run keeps its checkpoint's plan, and with it
+    that plan's train.budget_s, whatever the command said (config.yaml must say what the run did)."""
+    if plan is None or plan.budget_s == cfg.train.budget_s:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, budget_s=plan.budget_s))
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -81,19 +95,31 @@ def train(
     is locked, the Trainer built (the data, the batch size and the checkpoint checked), and only
     then config.yaml written. A command that fails before that leaves the folder as it was.
     """
-    cfg = _load_run_config(config, overrides, run_dir)  # before joining: it holds the group's timeout
+    cfg = _load_run_config(config, overrides, run_dir, restart)  # before joining: it holds the group's timeout
+    return _train(cfg, run_dir, stop_after_epoch, restart)
+
+
+def _train(cfg: Config, run_dir: Path | None, stop_after_epoch: int | None, restart: bool) -> dict[str, Any]:
+    """train() with its config loaded and checked."""
+    # The training stack, imported only now (see the module's imports).
+    from trainer import distributed
+    from trainer.device import amp_choice, device_name
+    from trainer.logger import make_logger
+    from trainer.training import checkpoint
+    from trainer.training.run_folder import claim_on_every_rank
+    from trainer.training.stopping import Stopped
+    from trainer.training.trainer import Trainer
+
     group = distributed.setup(cfg.train.dist_timeout_s)
     trainer = logger = claim = None
     writing = False  # the command was found valid and has begun to write into the folder
     try:
-        if restart and run_dir is None:
-            raise UserError("--restart needs --run-dir: the folder of the run to start over")
         run_dir = _run_dir(cfg, run_dir, group)
         claim = claim_on_every_rank(run_dir, restart, group)
         trainer = Trainer(cfg, run_dir, group, stop_after_epoch)
         writing = True
-        stale = _start_writing(cfg, run_dir) if group.is_main else []
         progress = trainer.progress
+        stale = _start_writing(_as_followed(cfg, progress.plan), run_dir) if group.is_main else []
         logger = make_logger(group.is_main, run_dir, cfg, progress.wandb_run_id, progress.epoch)
         progress.wandb_run_id = logger.run_id
         if claim is not None and claim.replaced is not None:
@@ -155,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> int:
+        cfg = _load_run_config(args.config, args.overrides, args.run_dir, args.restart)
+        from trainer.training.stopping import Stopped  # torch: only once the command checked out
+
         try:
-            train(args.config, args.overrides, args.run_dir, args.stop_after_epoch, args.restart)
+            _train(cfg, args.run_dir, args.stop_after_epoch, args.restart)
         except Stopped:
             pass  # a clean, resumable stop: exit 0 (the message is printed already)
         return 0

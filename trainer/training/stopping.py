@@ -22,7 +22,9 @@ from trainer.config import TrainConfig
 from trainer.training.collectives import all_reduce_max
 from trainer.training.progress import Progress
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # a preemption's notice, under SLURM and elsewhere
+# A preemption's notice (SIGTERM, SIGUSR2), under SLURM and elsewhere, and Ctrl-C (SIGINT): each stops
+# the run with a checkpoint. A second Ctrl-C interrupts at once, as a user pressing it twice means.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class Stopped(Exception):
@@ -35,9 +37,10 @@ class Stopped(Exception):
 
 class Reason(enum.Enum):
     PATIENCE = "patience"  # no better validation (or, without a split, test) accuracy for train.patience epochs
+    BUDGET_TIME_UP = "budget time up"  # train.budget_s: the clock ended the plan early (budget.time_up)
     BUDGET_PLAN_DONE = "budget plan done"  # train.budget_s: the steps fitted to the budget are trained
     STOP_AFTER_EPOCH = "stop after epoch"  # --stop-after-epoch, a preemption on request
-    SIGNAL = "signal"  # SIGTERM or SIGUSR2: a preemption
+    SIGNAL = "signal"  # SIGTERM or SIGUSR2 (a preemption), or SIGINT (Ctrl-C)
     EPOCHS_DONE = "epochs done"
 
 
@@ -72,6 +75,10 @@ def should_stop(
         metric = "validation" if progress.best.val_acc is not None else "test"
         return Stop(Reason.PATIENCE, f"early stopping: no better {metric} accuracy for {cfg.patience} epochs")
     plan = progress.plan
+    if plan is not None and progress.global_step >= plan.total_steps and plan.time_up_at_s is not None:
+        return Stop(Reason.BUDGET_TIME_UP, f"budget: time up at step {plan.total_steps}: {plan.time_up_at_s:.1f} s of "
+                                           f"train.budget_s={plan.budget_s:g} left too little for more steps and "
+                                           f"the final evaluation; {progress.elapsed_s:.1f} s used")
     if plan is not None and progress.global_step >= plan.total_steps:
         return Stop(Reason.BUDGET_PLAN_DONE, f"budget plan done: {plan.total_steps} steps ({plan.epochs:.2f} epochs) "
                                              f"in {progress.elapsed_s:.1f} s of train.budget_s={plan.budget_s:g}")
@@ -89,8 +96,9 @@ def evaluates(progress: Progress, cfg: TrainConfig) -> bool:
     """Whether the epoch just completed (progress.epoch) is evaluated and checkpointed: every
     train.eval_every epochs, and whenever the run ends after it, whatever ends it. The end is
     decided by should_stop itself, from the same progress, so a run can never end on an epoch that
-    was not evaluated. No reason to end reads the clock (a budget ends at its plan's step count), so
-    every rank takes the same decision from its own copy of the progress."""
+    was not evaluated. No reason to end reads the clock (a budget ends at its plan's step count; its
+    time up ends the plan from the all-reduced clock), so every rank takes the same decision from
+    its own copy of the progress."""
     if cfg.eval_every and progress.epoch % cfg.eval_every == 0:
         return True
     stop = should_stop(progress, cfg)
@@ -108,6 +116,8 @@ class StopSignal:
     @contextmanager
     def catching(self) -> Iterator[None]:
         def on_signal(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self.received == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: no checkpoint, exit 130 (trainer/cli.py)
             self.received = signum
 
         previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
@@ -138,6 +148,8 @@ class StopCheck:
     def __init__(self, bound_s: float, device: torch.device) -> None:
         self.bound_s, self.device = bound_s, device
         self.every = 1  # the first check comes after one step, then the step time is known
+        self.slowest_elapsed_s = 0.0
+        self.ahead_s = bound_s  # the longest to the next check, as far as known
         self.steps = 0
         self.since = time.perf_counter()
 
@@ -151,11 +163,15 @@ class StopCheck:
         self.steps += 1
         return self.steps >= self.every
 
-    def agree(self, signum: int | None) -> int | None:
-        """The stop signal any rank received (a collective), and the interval to the next check."""
-        measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since], dtype=torch.float64,
-                                device=self.device)
-        any_signal, slowest_s = all_reduce_max(measured, self.device).tolist()
+    def agree(self, signum: int | None, elapsed_s: float = 0.0) -> int | None:
+        """The stop signal any rank received (a collective), and the interval to the next check.
+        The run's clock (`elapsed_s`) is agreed on too: the slowest rank's is then
+        `slowest_elapsed_s`, which a budget's time check reads (the same on every rank) with
+        `ahead_s`, the longest to the next check: the bound, or one step as slow as these."""
+        measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since, elapsed_s],
+                                dtype=torch.float64, device=self.device)
+        any_signal, slowest_s, self.slowest_elapsed_s = all_reduce_max(measured, self.device).tolist()
+        self.ahead_s = max(self.bound_s, slowest_s / max(1, self.steps))
         fits = int(self.bound_s * self.steps / slowest_s) if slowest_s > 0 else 2 * self.every
         # At most doubling: one interval that happened to be fast cannot stretch the next one far
         # past the bound.

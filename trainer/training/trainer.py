@@ -1,8 +1,8 @@
 """The Trainer: builds the model, optimizer, schedule and DDP wrapper from a Config, trains epoch by
 epoch, evaluates, checkpoints, and stops when stopping.should_stop says so. Its parts do the rest:
 the Checkpointer saves and restores the run's state, the BudgetController fits train.budget_s's plan
-of steps (the run then ends where the plan does, mid-epoch if need be), StopSignal and StopCheck
-catch a stop signal and let the ranks agree on it."""
+of steps, re-fits it and ends it when the clock is up (the run ends where the plan does, mid-epoch
+if need be), StopSignal and StopCheck catch a stop signal and let the ranks agree on it."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ class Trainer:
         self.cfg, self.run_dir, self.group = cfg, run_dir, group
         self.stop_after_epoch = stop_after_epoch
         self.signal = stopping.StopSignal()
-        # The longest a stop signal waits for the ranks to agree on it inside an epoch.
-        self.stop_check = stopping.StopCheck(cfg.train.stop_check_s, group.device)
+        # The longest a stop signal (or a budget's clock) waits for the ranks to agree on it inside an epoch.
+        self.stop_check = stopping.StopCheck(budget.stop_check_s(cfg.train.stop_check_s, cfg.train.budget_s),
+                                             group.device)
         device = group.device
         if device.type == "cuda":
             # TF32 and cuDNN's algorithm search, as the step bench sets them (so their numbers compare).
@@ -122,12 +123,12 @@ class Trainer:
             self.schedule.set_total(self.total_steps)  # the checkpoint's plan, if it has one
         else:  # from here on each rank draws its own random numbers
             torch.manual_seed(cfg.train.seed + 1 + group.rank)
-        # A budget without a plan yet (a fresh run, or one stopped before the fit): time the first steps.
+        # A budget: its plan fitted from the first steps, or the checkpoint's followed; re-fitted as it goes.
         self.budget = None
-        if cfg.train.budget_s and self.progress.plan is None:
+        if cfg.train.budget_s or self.progress.plan is not None:
             self.budget = budget.BudgetController(
                 cfg.train.budget_s, self.steps_per_epoch, self.max_steps, cfg.train.eval_every, cfg.data.batch_size,
-                device, elapsed_s=self._elapsed_s, eval_cost_s=self._eval_cost_s,
+                device, self.progress.plan, elapsed_s=self._elapsed_s, eval_cost_s=self._eval_cost_s,
                 checkpoint_cost_s=lambda: self.checkpointer.cost_s(self.progress, self.sums.train, self._best_weights()),
                 set_schedule=self.schedule.set_total)
         self.epoch_start = time.perf_counter()  # when the epoch in progress (this segment of it) began
@@ -173,6 +174,8 @@ class Trainer:
             if self.progress.evaluated_epoch < self.progress.epoch:
                 self._evaluate_end(logger)
         logger.info(stop.message)
+        if self.budget is not None and (overrun := self.budget.overrun(self.progress)):
+            logger.info(overrun)
         return summary(self.cfg, self.progress, self.params, self.group, ranks_in_sync(self.model, self.group))
 
     # ---- one epoch: a step, then the after-step hooks in order ----------------------------
@@ -204,10 +207,13 @@ class Trainer:
                 bar.update()
                 self._calibrate(logger)
                 self._log_window(logger)
+                paused = self._stop_agreed()  # its check may also find the budget's time up, ending the plan here
                 if self._schedule_end():
                     break  # the budget's plan is done, possibly mid-epoch: this partial epoch is evaluated as one
-                if self._stop_agreed():
+                if paused:
                     return False
+        if self.budget is not None and self.budget.epoch_end(progress):
+            self._schedule_end()  # the budget's time is up: the plan, and the lookahead's schedule, end here
         self._check_finite()
         return True
 
@@ -226,8 +232,8 @@ class Trainer:
             self.lookahead.step(self.model, step, self.total_steps)
 
     def _calibrate(self, logger: NullLogger) -> None:
-        """Until a budget's plan is fitted: its calibration, which may set the schedule or fit the plan."""
-        if self.budget is not None and self.budget.calibrating and self.budget.after_step(self.progress, logger):
+        """A budget's controller after each step: its calibration, then its re-fits (which set the schedule)."""
+        if self.budget is not None and self.budget.after_step(self.progress, logger):
             self.stop_check.restart()  # the time spent measuring is no step time
 
     def _log_window(self, logger: NullLogger) -> None:
@@ -237,7 +243,8 @@ class Trainer:
         if step % self.cfg.logging.log_every:
             return
         self._check_finite()
-        logger.log_step(step, {"loss": self.sums.window_loss(), "lr": self.optimizer.param_groups[0]["lr"]})
+        logger.log_step(step, {"loss": self.sums.window_loss(), "lr": self.optimizer.param_groups[0]["lr"]},
+                        epoch=self.progress.epoch + self.progress.epoch_step / self.steps_per_epoch)
 
     def _schedule_end(self) -> bool:
         """At the schedule's end the run goes on with the lookahead's slow weights. True where a
@@ -254,7 +261,10 @@ class Trainer:
         then always has batches left to train."""
         if self.progress.epoch_step >= self.steps_per_epoch or not self.stop_check.due():
             return False
-        if self.stop_check.agree(self.signal.received) is None:
+        signum = self.stop_check.agree(self.signal.received, self._elapsed_s())
+        if self.budget is not None:  # the slowest rank's clock: the same decision on every rank
+            self.budget.check_time(self.progress, self.stop_check.slowest_elapsed_s, self.stop_check.ahead_s)
+        if signum is None:
             return False
         self._check_finite()  # the checkpoint saved next must hold finite weights
         return True
