@@ -21,8 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from trainer import sweep_file
-from trainer.launch.state import ACTIVE_STATES
-from trainer.launch.status import terminal
+from trainer.launch.state import ACTIVE_STATES, terminal
 
 if TYPE_CHECKING:
     from trainer.launch.plan import Plan

@@ -17,6 +17,12 @@ from pathlib import Path
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}
 
 
+def terminal(entry: dict) -> bool:
+    """Whether a job of the --status table (status.job_lines' entry) has ended: it wrote its summary,
+    or its state is none of those of a job still to run or running."""
+    return entry["finished"] or entry["state"] not in ACTIVE_STATES | {"UNKNOWN", "NOT SUBMITTED", "QUEUED"}
+
+
 def submitit_folder(executor: str, sweep_dir: Path) -> Path:
     """The folder submitit writes a job's pickles and logs to. SLURM's jobs get one each
     (submitit/<job id>/, SLURM fills in %j). A local job's id is its process's, unknown until it

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from trainer import run_files, sweep_file
 from trainer.launch.grid import name_width
 from trainer.launch.slurm import check_slurm
-from trainer.launch.state import ACTIVE_STATES, job_state
+from trainer.launch.state import job_state, terminal
 from trainer.run_files import read_metrics
 from trainer.sweep_file import SweepRecord, attempts_text
 
@@ -96,10 +96,6 @@ def print_status(sweep_dir: Path) -> list[dict]:
 
 def _state_text(e: dict) -> str:
     return f"{e['state']} ({e['note']})" if e["note"] else e["state"]
-
-
-def terminal(e: dict) -> bool:
-    return e["finished"] or e["state"] not in ACTIVE_STATES | {"UNKNOWN", "NOT SUBMITTED", "QUEUED"}
 
 
 def _failed(e: dict) -> bool:
