@@ -30,10 +30,18 @@ def cluster_yaml(tmp_path: Path, **changes) -> Path:
 
 
 def test_every_new_key_becomes_its_sbatch_line_through_submitit(slurm, beton_dir, tmp_path):
+    image = tmp_path / "images/cifar infinity.sif"
+    # #22: a container image that does not exist failed every job as it started; the dry run said nothing.
+    missing = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--cluster", cluster_yaml(tmp_path, container=str(image)),
+                     "--dry-run", "--runs", tmp_path, f"data.dir={beton_dir}", env=slurm)
+    assert missing.returncode == 1 and missing.stderr == f"error: container: {image}: no such image file (build it " \
+        "from containers/cifar-infinity.def, or set container: null)\n"
+    image.parent.mkdir()
+    image.write_bytes(b"an Apptainer image")
     cluster = cluster_yaml(tmp_path, gpus_per_node=4, mem_gb=None, mem_per_gpu=40, gres="gpu:a100:4",
                            exclude="node[07,12]", setup=["module load cuda/12.4", "source /opt/venv/bin/activate"],
                            sbatch=["reservation=gpu-week", "--exclusive"], max_requeues=30,
-                           container="/images/cifar infinity.sif")
+                           container=str(image))
     r = launch("--arch", "resnet9_tiny", "--profile", "smoke", "--cluster", cluster, "--dry-run", "--runs", tmp_path,
                f"data.dir={beton_dir}", env=slurm)
     assert r.returncode == 0, r.stderr
@@ -47,7 +55,7 @@ def test_every_new_key_becomes_its_sbatch_line_through_submitit(slurm, beton_dir
     setup_at = lines.index("module load cuda/12.4")
     (srun_at,) = [i for i, line in enumerate(lines) if line.startswith("srun ")]
     assert setup_at < srun_at  # the setup runs in the batch script, before the trainers start
-    assert "apptainer exec --nv '/images/cifar infinity.sif' python -u -m submitit.core._submit" in lines[srun_at]
+    assert f"apptainer exec --nv '{image}' python -u -m submitit.core._submit" in lines[srun_at]
 
 
 @pytest.mark.parametrize("changes, message", [

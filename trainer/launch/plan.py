@@ -121,6 +121,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     executor = "local" if args.local else "slurm"
     if executor == "local" and cluster.nodes > 1:
         raise UserError("--nodes: the local executor runs on this machine only (nodes: 1)")
+    # Each job runs `apptainer exec IMAGE`: a missing image fails every job as it starts, so the
+    # launch (and its dry run) says so first. The login node sees the path the compute nodes do.
+    if executor == "slurm" and cluster.container and not Path(cluster.container).is_file():
+        raise UserError(f"container: {cluster.container}: no such image file (build it from "
+                        "containers/cifar-infinity.def, or set container: null)")
     sweep = args.sweep or default_sweep_id()
     if "/" in sweep or sweep.startswith("."):
         raise UserError(f"--sweep: '{sweep}' is not a plain folder name")
