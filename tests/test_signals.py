@@ -124,3 +124,26 @@ def test_ctrl_c_stops_with_a_checkpoint_like_sigterm_and_a_second_one_interrupts
         assert stop.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_sigterm_while_starting_is_one_line_and_leaves_no_folder_behind(beton_dir, tmp_path):
+    # #22: a SIGTERM in the run's first seconds (loading data, building the network) killed the process
+    # and left a new run folder holding only its .lock. The signal lands deterministically: the Trainer's
+    # constructor sends it. A real process, since SIGTERM's default action would end a test process.
+    from conftest import small_run_args
+
+    run_dir = tmp_path / "run"
+    probe = ("import os, signal, sys\n"
+             "from trainer.training import trainer\n"
+             "build = trainer.Trainer.__init__\n"
+             "def signalled(self, *a, **k):\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    build(self, *a, **k)\n"
+             "trainer.Trainer.__init__ = signalled\n"
+             "from trainer.training.run import main\n"
+             "main(sys.argv[1:])\n")
+    r = subprocess.run([sys.executable, "-c", probe, *small_run_args(beton_dir), "--run-dir", str(run_dir)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=CPU_UNBUFFERED)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip() == "error: stopped by SIGTERM while starting, before training began; run the command again"
+    assert not run_dir.exists()

@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +102,26 @@ def train(
     return _train(cfg, run_dir, stop_after_epoch, restart)
 
 
+@contextmanager
+def _sigterm_ends_start_up() -> Iterator[None]:
+    """SIGTERM while the run starts (data, network, checkpoint: seconds) ends the command as an
+    error, through the clean-up that leaves the folder as it was, instead of killing the process
+    with a new folder holding only its lock. Where SIGTERM already has a handler (submitit's, in a
+    SLURM job) it is left alone; training installs its own stop handlers (stopping.StopSignal)."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise UserError("stopped by SIGTERM while starting, before training began; run the command again")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _train(cfg: Config, run_dir: Path | None, stop_after_epoch: int | None, restart: bool) -> dict[str, Any]:
     """train() with its config loaded and checked."""
     # The training stack, imported only now (see the module's imports).
@@ -114,14 +137,15 @@ def _train(cfg: Config, run_dir: Path | None, stop_after_epoch: int | None, rest
     trainer = logger = claim = None
     writing = False  # the command was found valid and has begun to write into the folder
     try:
-        run_dir = _run_dir(cfg, run_dir, group)
-        claim = claim_on_every_rank(run_dir, restart, group)
-        trainer = Trainer(cfg, run_dir, group, stop_after_epoch)
-        writing = True
-        progress = trainer.progress
-        stale = _start_writing(_as_followed(cfg, progress.plan), run_dir) if group.is_main else []
-        logger = make_logger(group.is_main, run_dir, cfg, progress.wandb_run_id, progress.epoch)
-        progress.wandb_run_id = logger.run_id
+        with _sigterm_ends_start_up():
+            run_dir = _run_dir(cfg, run_dir, group)
+            claim = claim_on_every_rank(run_dir, restart, group)
+            trainer = Trainer(cfg, run_dir, group, stop_after_epoch)
+            writing = True
+            progress = trainer.progress
+            stale = _start_writing(_as_followed(cfg, progress.plan), run_dir) if group.is_main else []
+            logger = make_logger(group.is_main, run_dir, cfg, progress.wandb_run_id, progress.epoch)
+            progress.wandb_run_id = logger.run_id
         if claim is not None and claim.replaced is not None:
             logger.info(f"starting over: the previous run is kept in {claim.replaced}")
         if stale:
