@@ -13,6 +13,18 @@ from contextlib import contextmanager
 from trainer import UserError
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line only (torch's and numba's span many), or the type's
+    name where it has none: what a one-line error quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def described(e: BaseException) -> str:
+    """`Type: first line of the message`, or the type alone."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+
+
 def describe_os_error(e: OSError) -> str:
     """`PATH: reason` (`PATH -> PATH2: reason` for a rename or link), or the reason alone if the
     error names no file."""

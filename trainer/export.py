@@ -120,8 +120,7 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, dict[str, str]]:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:  # metadata of another version, or weights of another layout
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: does not load into {arch} as its metadata describes it ({first})") from None
+        raise UserError(f"{path}: does not load into {arch} as its metadata describes it ({cli.first_line(e)})") from None
     return net.float().eval(), meta
 
 
@@ -248,8 +247,7 @@ def export(run_dir: Path, fmt: str, out: Path, force: bool = False) -> Path:
         except ModuleNotFoundError as e:
             raise UserError(f"--format {fmt} needs the package {e.name}: pip install 'cifar-infinity[export]'") from None
         except Exception as e:  # an exporter that cannot take an operator of this network
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot export {state['arch']} to {fmt}: {first}") from None
+            raise UserError(f"cannot export {state['arch']} to {fmt}: {cli.first_line(e)}") from None
     return out
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.cli import described
 from trainer.config import Config, to_dict
 from trainer.files import write_text_atomic
 from trainer.run_files import METRICS, STEPS, WANDB, read_metrics
@@ -112,9 +113,8 @@ class RunLogger(NullLogger):
                 if self.mode != "online":
                     raise
                 # No network, or W&B's servers slow: the run's history is kept offline, not lost.
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 self.info(f"warning: W&B did not start online within logging.init_timeout_s="
-                          f"{cfg.logging.init_timeout_s:g} ({type(e).__name__}: {reason}); logging offline instead")
+                          f"{cfg.logging.init_timeout_s:g} ({described(e)}); logging offline instead")
                 self.mode = "offline"
             return self._init_wandb(wandb, run_dir, cfg, run_id)
         except Exception as e:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from trainer import models
+from trainer.cli import described
 from trainer.bench.common import Settings
 from trainer.device import amp_choice, amp_dtype, device_name, precision_name, synchronize
 from trainer.models.flops import forward_flops
@@ -160,7 +161,7 @@ def bench_steps(device: torch.device, settings: Settings, threads: int,
         try:
             measured[arch][mode] = time_steps(arch, device, mode, settings)
         except Exception as e:  # noqa: BLE001 - one mode's failure must not cost the other rows
-            errors[arch][mode] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            errors[arch][mode] = described(e)
             print(f"  {arch} {mode}: failed: {errors[arch][mode]}", file=sys.stderr, flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

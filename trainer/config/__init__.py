@@ -41,6 +41,23 @@ RETIRED = Retired(
 
 IMAGE_SIDE = 32  # CIFAR-10's images are 32x32: the bound of data.translate and data.cutout
 
+# Keys that say where and how a machine runs a run, not what it computes: the same data in another
+# folder, loader workers, threads, compiling, how often the ranks agree, how long they wait, where
+# it logs. A resume may change them (training/checkpoint.py), and runs that differ only in them (and
+# the seed) are seeds of one recipe in the report (report/runs.py). A key ending in "." is a section.
+PLACEMENT_KEYS = ("data.dir", "data.num_workers", "train.threads", "train.compile", "train.stop_check_s",
+                  "train.dist_timeout_s", "logging.")
+
+
+def flat(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A config's to_dict (or a saved one) as {"section.key": value}."""
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def matches(name: str, keys: tuple[str, ...]) -> bool:
+    """Whether "section.key" `name` is one of `keys` (a key ending in "." stands for its section)."""
+    return any(name == k or (k.endswith(".") and name.startswith(k)) for k in keys)
+
 # ---------------------------------------------------------------------------------------------
 # The schema. Defaults are the project's shared recipe; jobs/configs/*.yaml set per-arch values.
 

@@ -182,9 +182,8 @@ def download(root: Path) -> Path:
     try:
         download_and_extract_archive(URL, download_root=str(root), md5=URL_MD5)
     except Exception as e:  # URLError, timeouts, HTTP errors, a bad checksum
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
-            f"could not download CIFAR-10 from {URL} ({reason}); pass --source DIR, or set {SOURCE_ENV}=DIR, with a local "
+            f"could not download CIFAR-10 from {URL} ({cli.first_line(e)}); pass --source DIR, or set {SOURCE_ENV}=DIR, with a local "
             "cifar-10-batches-py folder"
         ) from None
     finally:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer import UserError
+from trainer.cli import described
 from trainer.config import DataConfig
 from trainer.data.checks import check_beton, verify
 from trainer.data.cifar10 import MEAN, STD
@@ -59,9 +60,7 @@ def check_epoch(batches: Iterator, path: str | Path) -> None:
     naming the file and the thread's error, in one line."""
     error = _thread_errors.pop(batches, None)
     if error is not None:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else ""
-        raise UserError(f"{path}: ffcv's loader thread failed ({type(error).__name__}: {first}); ./setup.sh installs "
+        raise UserError(f"{path}: ffcv's loader thread failed ({described(error)}); ./setup.sh installs "
                         f"ffcv and numba at the tested versions, or {WITHOUT_FFCV}")
 
 
@@ -77,8 +76,7 @@ def ffcv_loader(path: str | Path, **options):
     try:
         return Loader(str(path), **options)
     except (ValueError, MemoryError) as e:  # numba's refusal of a thread count, no memory for the buffers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path}: ffcv could not start its loader ({type(e).__name__}: {first})") from None
+        raise UserError(f"{path}: ffcv could not start its loader ({described(e)})") from None
 
 
 class FFCVLoader:

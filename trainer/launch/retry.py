@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from trainer import sweep_file
+from trainer.cli import described
 from trainer.launch.state import ACTIVE_STATES, terminal
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class Retrier:
                     try:
                         submitted = self.resubmit(name)
                     except Exception as e:  # sbatch refused (the controller away): this job stays failed, the watch goes on
-                        why = f"its retry could not be submitted ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+                        why = f"its retry could not be submitted ({described(e)})"
                 if submitted is not None:
                     info = self.plan.jobs[name] = {**submitted, "attempts": info["attempts"]}
                     now = f"job {info['job_id']}" if info["job_id"] else "queued for a free slot"

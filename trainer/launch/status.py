@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer import run_files, sweep_file
+from trainer.cli import described
 from trainer.launch.grid import name_width
 from trainer.launch.slurm import check_slurm
 from trainer.launch.state import job_state, terminal
@@ -133,8 +134,7 @@ def wait(sweep_dir: Path, poll_s: float = 5.0, step: Callable[[], bool] | None =
         # CPU): jobs/report.py measures them where it is run.
         make_report(sweep_dir, deploy=False, use_ensemble=False)
     except Exception as error:  # the jobs' outcome decides the exit code, not a failed report
-        reason = (str(error).splitlines() or [""])[0]
-        print(f"warning: the sweep report failed ({type(error).__name__}: {reason}); retry: python jobs/report.py {sweep_dir}")
+        print(f"warning: the sweep report failed ({described(error)}); retry: python jobs/report.py {sweep_dir}")
     failed = [e["name"] for e in entries if _failed(e)]
     if failed:
         print(f"\nnot finished: {', '.join(failed)}")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainer import UserError, models, sweep_file
-from trainer.config import Config, load_config, to_dict
+from trainer.config import PLACEMENT_KEYS, Config, flat, load_config, matches, to_dict
 from trainer.models import options as model_options
 from trainer.run_files import CHECKPOINTS, CONFIG, METRICS, STEPS, SUMMARY, read_metrics, read_steps
 from trainer.training import checkpoint
@@ -143,17 +143,14 @@ def read_run(name: str, run_dir: Path) -> Run:
     return Run(name, run_dir, "finished", "finished", summary, metrics, config, problem, steps=steps)
 
 
-# Keys that do not change what a run computes (where it reads its data, how this machine runs it,
-# where it logs), and the seed: runs whose configs differ only in these are seeds of one recipe.
-SAME_RECIPE_KEYS = ("train.seed", "train.threads", "train.compile", "train.stop_check_s", "train.dist_timeout_s",
-                    "data.dir", "data.num_workers")
+# Runs whose configs differ only in these are seeds of one recipe.
+SAME_RECIPE_KEYS = ("train.seed", *PLACEMENT_KEYS)
 
 
 def _recipe(config: Config | None) -> dict[str, Any] | None:
     if config is None:
         return None
-    return {f"{section}.{key}": value for section, values in to_dict(config).items() for key, value in values.items()
-            if section != "logging" and f"{section}.{key}" not in SAME_RECIPE_KEYS}
+    return {name: value for name, value in flat(to_dict(config)).items() if not matches(name, SAME_RECIPE_KEYS)}
 
 
 def separate_recipes(runs: list[Run]) -> None:

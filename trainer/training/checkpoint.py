@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from trainer import UserError
-from trainer.cli import naming
-from trainer.config import Config, ModelConfig, to_dict
+from trainer.cli import first_line, naming
+from trainer.config import PLACEMENT_KEYS, Config, ModelConfig, flat, matches, to_dict
 from trainer.distributed import Dist
 from trainer.files import atomic_path, remove_stale_temp_files
 from trainer.run_files import RESTART_HINT
@@ -171,28 +171,19 @@ def _check_same_split(folder: Path, saved: dict, cfg: Config) -> None:
                         f"{now[0]} and {now[1]}; resume it with its own values, or use another --run-dir")
 
 
-# What a resumed run may change: when it stops or evaluates, where it reports, and how this machine
-# runs it (the same data in another folder, workers, threads, compiling). Anything else (the recipe,
-# the data it trains on, the seed, the precision) would make the folder's config.yaml claim the whole
-# run trained as the resumed part did.
-RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.budget_s", "train.eval_every", "train.stop_check_s",
-                     "train.dist_timeout_s", "train.threads", "train.compile", "data.dir", "data.num_workers",
-                     "logging.")
+# What a resumed run may change: when it stops or evaluates, and where and how it runs (PLACEMENT_KEYS).
+# Anything else (the recipe, the data it trains on, the seed, the precision) would make the folder's
+# config.yaml claim the whole run trained as the resumed part did.
+RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.budget_s", "train.eval_every", *PLACEMENT_KEYS)
 
 
 def _check_same_recipe(folder: Path, saved: Mapping[str, Any], cfg: Config) -> None:
     """Refuses a resume whose config differs from the run's beyond RESUMABLE_CHANGES. Sections and
     keys a checkpoint predates had their defaults."""
-    now = to_dict(cfg)
     defaults = to_dict(Config(model=ModelConfig(arch=cfg.model.arch)))
-    changed = []
-    for section, values in now.items():
-        before = {**defaults[section], **(saved.get(section) or {})}
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if before.get(key) != value and not any(name == k or (k.endswith(".") and name.startswith(k))
-                                                    for k in RESUMABLE_CHANGES):
-                changed.append(f"{name}={before.get(key)!r} (now {value!r})")
+    before = flat({section: {**values, **(saved.get(section) or {})} for section, values in defaults.items()})
+    changed = [f"{name}={before.get(name)!r} (now {value!r})" for name, value in flat(to_dict(cfg)).items()
+               if before.get(name) != value and not matches(name, RESUMABLE_CHANGES)]
     if changed:
         raise UserError(f"{folder}: this run began with {', '.join(changed)}; a resumed run trains as it began "
                         "(only when it stops, where it logs and how this machine runs it may change); resume "
@@ -269,8 +260,7 @@ class Checkpointer:
                 except (RuntimeError, ValueError, KeyError) as e:
                     # The layout the config builds (model.* options, optim.bias_lr_mult's parameter
                     # groups) is not the one the run began with: torch's message spans many lines.
-                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise UserError(f"{folder}: its {name} state does not fit this config ({first}); the model "
+                    raise UserError(f"{folder}: its {name} state does not fit this config ({first_line(e)}); the model "
                                     "options and optim.bias_lr_mult must stay as the run began; use another "
                                     "--run-dir") from None
         train_sums.copy_(state["train_sums"])
