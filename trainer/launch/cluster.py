@@ -26,6 +26,7 @@ FIRST_CLASS_OPTIONS = {
 # ...and those submitit writes itself: where the job's logs go (the launcher's --status reads them
 # there), its name and the log's open mode.
 SUBMITIT_OPTIONS = ("output", "o", "error", "e", "job-name", "J", "open-mode", "wckey")
+CONTAINER_RUNTIMES = ("apptainer", "pyxis", "podman")
 
 
 @dataclass
@@ -63,10 +64,15 @@ class ClusterConfig:
     # into its run folder, where it resumes from its checkpoint; only while a launcher watches the
     # sweep (--wait, --local). --retries N overrides it. Not time limits: those are max_requeues'.
     retries: int = 0
-    # An Apptainer image (.sif) to run each job's Python in (`apptainer exec --nv IMAGE python`), e.g.
-    # one built from containers/cifar-infinity.def; null: the launcher's own interpreter. The image
-    # must hold this version of the project: the jobs unpickle the launcher's job objects.
+    # An image to run each job's Python in; null: the launcher's own interpreter. The image must hold
+    # this version of the project (the jobs unpickle the launcher's job objects): containers/build.sh
+    # tags it with the commit. container_runtime says how it starts (containers/job/run.sh):
+    # apptainer (`apptainer exec --nv`, IMAGE a .sif file), pyxis (srun --container-image=IMAGE) or
+    # podman (IMAGE an image name; the dev cluster's stand-in, CPU only). The sweep folder, the data,
+    # the checkout and the submit folder are mounted at their own paths. Pre-emption still
+    # requeues: images carry no scontrol, so the batch script requeues the job from outside.
     container: str | None = None
+    container_runtime: str = "apptainer"
 
     def __post_init__(self) -> None:
         for name in ("time_min", "cpus_per_task", "array_parallelism", "nodes", "jobs_per_gpu"):
@@ -88,6 +94,9 @@ class ClusterConfig:
             raise ValueError(f"max_requeues: must not be negative, got {self.max_requeues}")
         if self.retries < 0:
             raise ValueError(f"retries: must not be negative, got {self.retries}")
+        if self.container_runtime not in CONTAINER_RUNTIMES:
+            raise ValueError(f"container_runtime: expected one of {', '.join(CONTAINER_RUNTIMES)}, "
+                             f"got '{self.container_runtime}'")
         self.sbatch_options()  # malformed entries fail when the file is read
 
     def sbatch_options(self) -> dict[str, str | bool]:

@@ -91,6 +91,13 @@ class Plan:
 
         return TrainJob(config_path(job.arch), self.job_overrides(job), self.run_dir(job.name))
 
+    def data_dirs(self) -> list[Path]:
+        """The data folders the jobs read (a containerised job mounts them); the seeds of an
+        architecture and grid point share their first's."""
+        configs = [load_config(config_path(job.arch), self.job_overrides(job), archs=models.names())
+                   for job in self.runs if job.seed in (None, 0)]
+        return list(dict.fromkeys(Path(cfg.data.dir) for cfg in configs))
+
     def save(self) -> None:
         sweep_file.write(self.sweep_dir, SweepRecord(self.sweep, self.runs, self.archs, self.executor, self.profile,
                                                      self.overrides, asdict(self.cluster), self.jobs, git_sha()))
@@ -121,11 +128,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     executor = "local" if args.local else "slurm"
     if executor == "local" and cluster.nodes > 1:
         raise UserError("--nodes: the local executor runs on this machine only (nodes: 1)")
-    # Each job runs `apptainer exec IMAGE`: a missing image fails every job as it starts, so the
-    # launch (and its dry run) says so first. The login node sees the path the compute nodes do.
-    if executor == "slurm" and cluster.container and not Path(cluster.container).is_file():
-        raise UserError(f"container: {cluster.container}: no such image file (build it from "
-                        "containers/cifar-infinity.def, or set container: null)")
+    if executor == "slurm" and cluster.container:
+        check_image(cluster.container, cluster.container_runtime)
     sweep = args.sweep or default_sweep_id()
     if "/" in sweep or sweep.startswith("."):
         raise UserError(f"--sweep: '{sweep}' is not a plain folder name")
@@ -171,6 +175,23 @@ def recorded_plan(sweep_dir: Path, retries: int) -> Plan:
                                              ("--retries", {"retries": retries})])
     return Plan(record.sweep, sweep_dir, record.archs, record.overrides, cluster, record.executor,
                 record.profile or "full", record.runs, record.jobs)
+
+
+def check_image(image: str, runtime: str) -> None:
+    """A missing image fails every job as it starts: the launch (and its dry run) says so first. The
+    login node sees the files the compute nodes do, and (podman, the dev cluster) the same images."""
+    if runtime == "apptainer" and not Path(image).is_file():
+        raise UserError(f"container: {image}: no such image file (build it from containers/cifar-infinity.def, or "
+                        "set container: null)")
+    if runtime == "podman":
+        podman = shutil.which("podman")
+        if podman is None:
+            raise UserError("container_runtime: podman is not installed here")
+        import subprocess
+
+        if subprocess.run([podman, "image", "exists", image], capture_output=True).returncode != 0:
+            raise UserError(f"container: {image}: no such podman image here (containers/build.sh builds it)")
+    # pyxis: an image reference enroot pulls on the compute node; nothing here can check it.
 
 
 def slurm_here() -> bool:
