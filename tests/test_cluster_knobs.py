@@ -55,7 +55,11 @@ def test_every_new_key_becomes_its_sbatch_line_through_submitit(slurm, beton_dir
     setup_at = lines.index("module load cuda/12.4")
     (srun_at,) = [i for i, line in enumerate(lines) if line.startswith("srun ")]
     assert setup_at < srun_at  # the setup runs in the batch script, before the trainers start
-    assert f"apptainer exec --nv '{image}' python -u -m submitit.core._submit" in lines[srun_at]
+    # The task starts Apptainer through containers/job/run.sh (exec --nv, the folders mounted); the batch
+    # script requeues from outside the container, which has no scontrol (tests/test_container.py).
+    assert f"containers/job/run.sh apptainer '{image}' {tmp_path}/" in lines[srun_at]
+    assert lines[srun_at].endswith(f" -u -m submitit.core._submit {tmp_path}/{r.stdout.split()[1]}/submitit/%j")
+    assert any(line.startswith("export CIFAR_REQUEUE_FILE=") for line in lines[setup_at:srun_at])
 
 
 @pytest.mark.parametrize("changes, message", [

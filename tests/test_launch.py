@@ -165,7 +165,7 @@ def test_smoke_sweep_on_slurm_completes_then_rerun_skips(slurm, beton_dir, tmp_p
     tests/test_models.py (the SLURM path is the same for each)."""
     archs = {"alexnet": "77.53", "mobilenet": "90.75"}  # the seed's test accuracy of each
     args = ("--arch", ",".join(archs), "--profile", "smoke", "--sweep", "smoke", "--runs", tmp_path,
-            f"data.dir={beton_dir}")
+            f"data.dir={beton_dir}", "train.threads=1")  # one thread each: the two jobs may run at once
     r = launch(*args, "--wait", env=slurm)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     record = sweep_record(tmp_path, "smoke")
@@ -199,7 +199,9 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_
 
     # The tests' run of seconds, on 2,000 images (20 steps an epoch): the signal comes after epoch 1,
     # and the trainer looks for it every second of steps (train.stop_check_s), well before the end.
-    run = [*SMALL_RUN, "data.train_subset=2000", "train.stop_check_s=1"]
+    # One thread each: the job and the reference below train at once on two cores (two threads each
+    # made both ten times slower).
+    run = [*SMALL_RUN, "data.train_subset=2000", "data.test_subset=200", "train.stop_check_s=1", "train.threads=1"]
     r = launch("--arch", "resnet9_tiny", "--sweep", "pre", "--runs", tmp_path, "-C", "time_min=30",
                f"data.dir={beton_dir}", *run, env=slurm)
     assert r.returncode == 0, r.stderr

@@ -214,7 +214,7 @@ def test_retrier_retries_failures_up_to_the_limit_and_stops_on_the_same_error_tw
 def test_a_retry_that_cannot_be_submitted_leaves_the_job_failed_and_the_watch_going(tmp_path):
     from trainer.launch import ClusterConfig
     from trainer.launch.plan import Plan
-    from trainer.launch.retry import Retrier
+    from trainer.launch.retry import SUBMIT_TRIES, Retrier
     from trainer.sweep_file import Job
 
     def refused(name: str) -> dict:
@@ -222,7 +222,11 @@ def test_a_retry_that_cannot_be_submitted_leaves_the_job_failed_and_the_watch_go
 
     plan = Plan("s", tmp_path, ["resnet9_tiny"], [], ClusterConfig(retries=2), "slurm", "smoke",
                 [Job("lost", "resnet9_tiny")], {"lost": {"job_id": "7", "submitted": "t"}})
-    assert Retrier(plan, 2, refused).check([_entry("lost", "7", "NODE_FAIL")]) is False
+    retrier = Retrier(plan, 2, refused)
+    for _ in range(SUBMIT_TRIES - 1):  # a full disk or a controller away for a moment: tried again at the next look
+        assert retrier.check([_entry("lost", "7", "NODE_FAIL")]) is False and retrier.settling
+        assert "attempts" not in plan.jobs["lost"]
+    assert retrier.check([_entry("lost", "7", "NODE_FAIL")]) is False and not retrier.settling
     assert plan.jobs["lost"]["job_id"] == "7" and [a["state"] for a in plan.jobs["lost"]["attempts"]] == ["NODE_FAIL"]
     assert plan.jobs["lost"]["not_retried"] == (
         "its retry could not be submitted (RuntimeError: sbatch: error: Batch job submission failed)")
@@ -244,3 +248,58 @@ def test_cause_line_is_the_exception_line_or_the_first():
     assert cause_line(_trace("trainer.UserError: runs/s/x: not a folder")) == "trainer.UserError: runs/s/x: not a folder"
     assert cause_line("job 5 ended without writing a result\nlog tail") == "job 5 ended without writing a result"
     assert cause_line(None) is None and cause_line("") is None
+
+
+def test_the_same_error_after_an_epoch_of_progress_is_retried_and_without_progress_is_not(tmp_path):
+    # #22's chaos soak: two kills of one job's rank fail both attempts with the same collective
+    # error line; the attempt between trained on, so the failure was not the job's own.
+    from trainer.launch import ClusterConfig
+    from trainer.launch.plan import Plan
+    from trainer.launch.retry import Retrier
+    from trainer.sweep_file import Job
+
+    plan = Plan("s", tmp_path, ["resnet9_tiny"], [], ClusterConfig(retries=5), "slurm", "smoke",
+                [Job("killed", "resnet9_tiny")], {"killed": {"job_id": "1", "submitted": "t"}})
+    jobs = iter(range(2, 10))
+    retrier = Retrier(plan, 5, lambda name: {"job_id": str(next(jobs)), "submitted": "t"})
+    lost_peer = _trace("trainer.UserError: rank 0: a collective failed: a peer is gone")
+    for job_id, epoch, retried in [("1", 1, True), ("2", 3, True), ("3", 3, False)]:
+        entry = {**_entry("killed", job_id, "FAILED", lost_peer), "epoch": epoch}
+        assert retrier.check([entry]) is retried, (job_id, plan.jobs["killed"])
+    assert [a["epoch"] for a in plan.jobs["killed"]["attempts"]] == [1, 3, 3]
+    assert plan.jobs["killed"]["not_retried"].startswith("the same error twice")
+
+
+def test_a_full_disk_under_the_sweep_delays_a_retry_and_sweep_json_but_loses_neither(tmp_path, monkeypatch):
+    # #22's chaos soak: a disk full for seconds under the sweep folder made the retry's submission
+    # (submitit writes the job's pickle there) or sweep.json's write fail, and the job was left
+    # failed, or the launcher ended with the error.
+    import errno
+
+    from trainer.launch import ClusterConfig
+    from trainer.launch.plan import Plan
+    from trainer.launch.retry import Retrier
+    from trainer.sweep_file import Job, read
+
+    plan = Plan("s", tmp_path, ["resnet9_tiny"], [], ClusterConfig(retries=2), "slurm", "smoke",
+                [Job("full", "resnet9_tiny")], {"full": {"job_id": "7", "submitted": "t"}})
+    plan.save()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    tries = []
+
+    def resubmit(name: str) -> dict:
+        tries.append(name)
+        if len(tries) == 1:
+            raise full
+        return {"job_id": "8", "submitted": "t"}
+
+    retrier = Retrier(plan, 2, resubmit)
+    assert retrier.check([_entry("full", "7", "FAILED")]) is False and retrier.settling  # refused: tried again
+    save = plan.save
+    monkeypatch.setattr(plan, "save", lambda: (_ for _ in ()).throw(full))
+    assert retrier.check([_entry("full", "7", "FAILED")]) is True  # submitted; sweep.json could not be written
+    assert read(tmp_path).jobs["full"]["job_id"] == "7"  # its last good state
+    monkeypatch.setattr(plan, "save", save)
+    retrier.check([_entry("full", "8", "RUNNING")])  # the next look writes it
+    assert read(tmp_path).jobs["full"]["job_id"] == "8" and tries == ["full", "full"]
+    assert [a["job_id"] for a in read(tmp_path).jobs["full"]["attempts"]] == ["7"]

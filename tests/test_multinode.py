@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from cluster_tools import (DETERMINISTIC, alive, assert_same_weights, cluster_processes, epochs_done, job_ended, job_state, logs,
+                           rank_pids, wait_for)
 from conftest import DEV_CLUSTER, REPO, start_cluster
 from helpers import Result
 from test_launch import launch as launch_here
@@ -31,8 +32,8 @@ TIMEOUT_S = 10
 SLACK_S = 30  # on top of it: noticing the error, tearing down, a loaded 2-core machine
 # The smoke profile with 512 training images (200 of them held out: about 10 steps of 32 an epoch) for 2
 # epochs, deterministic: epoch 1 ends with a checkpoint, and a kill right after it lands in epoch 2.
-RUN = ["data.train_subset=512", "train.epochs=2", "data.flip=false", "data.translate=0", "train.threads=1",
-       f"train.dist_timeout_s={TIMEOUT_S}", "logging.mode=disabled"]
+RUN = ["data.train_subset=512", "train.epochs=2", *DETERMINISTIC, f"train.dist_timeout_s={TIMEOUT_S}",
+       "logging.mode=disabled"]
 
 
 def launch(runs: Path, sweep: str, *extra: str, env: dict, wait: bool = True) -> Result:
@@ -44,94 +45,6 @@ def launch(runs: Path, sweep: str, *extra: str, env: dict, wait: bool = True) ->
 
 def job_id(runs: Path, sweep: str) -> str:
     return json.loads((runs / sweep / "sweep.json").read_text())["jobs"]["resnet9_tiny"]["job_id"]
-
-
-def job_state(job: str, env: dict) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], capture_output=True, text=True,
-                         env=env).stdout.split()
-    return out[0] if out else "UNKNOWN"  # sacct lags a new job by a moment
-
-
-def job_ended(job: str, env: dict) -> bool:
-    return job_state(job, env) not in ("UNKNOWN", "PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def rank_pid(job: str, node: str) -> int | None:
-    """The training process a job runs on `node`: the task srun started there, `python -m
-    submitit.core._submit` (not the srun on node1 whose command line names it too)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
-            argv = (proc / "cmdline").read_text().split("\0")
-        except (OSError, ValueError):
-            continue
-        if (env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node
-                and Path(argv[0]).name.startswith("python") and "submitit.core._submit" in argv):
-            return int(proc.name)
-    return None
-
-
-def cluster_processes(name: str, conf: str) -> list[int]:
-    """Live processes called `name` that belong to the cluster of slurm.conf `conf`."""
-    pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
-    found = []
-    for pid in map(int, pids):
-        try:
-            if f"SLURM_CONF={conf}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(pid)
-        except OSError:
-            continue
-    return [pid for pid in found if alive(pid)]
-
-
-def rank_pids(job: str) -> list[int] | None:
-    """The job's training processes on node1 and node2, once both run."""
-    pids = [rank_pid(job, node) for node in ("node1", "node2")]
-    return pids if all(pids) else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # PID 1 here reaps orphans late: a zombie has exited
-
-
-def epochs_done(run_dir: Path) -> int:
-    """The epochs in metrics.jsonl, which the trainer writes after saving the epoch's checkpoint."""
-    try:
-        return len((run_dir / "metrics.jsonl").read_text().splitlines())
-    except OSError:
-        return 0
-
-
-def logs(runs: Path, sweep: str) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted((runs / sweep / "submitit").rglob("*_log.*")))
-
-
-def model_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    # Exact, not close: both runs do the same float operations in the same order (same global
-    # batch, same shards per rank, one thread, a 2-way sum is commutative), so any difference is
-    # a real one (a rank that saw other data, a resume that skipped or repeated a batch).
-    wa, wb = model_state(a), model_state(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
 
 
 @pytest.fixture
@@ -162,11 +75,31 @@ def reference(slurm_session, beton_dir, runs) -> Path:
     (["start", "--nodes=two"], "cluster.sh: error: --nodes: expected a whole number from 1 to 50, got 'two'"),
     (["start", "--nodes"], "cluster.sh: usage: "),
     (["stop", "--nodes", "2"], "cluster.sh: usage: "),
+    (["slurmd"], "cluster.sh: usage: "),
+    (["slurmd", "node1", "node2"], "cluster.sh: usage: "),
 ])
 def test_cluster_script_rejects_bad_arguments_at_once(args, message):
     r = subprocess.run(["bash", str(DEV_CLUSTER), *args], capture_output=True, text=True, timeout=10)
     assert r.returncode in (1, 2) and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+
+
+def test_a_job_of_several_tasks_ends_when_a_rank_exit_message_is_lost(beton_dir, tmp_path):
+    # #22's chaos soak: a node's link down for a moment while its rank exited lost the exit
+    # message, and srun kept the job running until its time limit. srun's --wait ends the step
+    # while slurmctld still knows it; the batch script's watchdog kills srun once it does not.
+    from helpers import run_main
+    from trainer.launch.slurm import STEP_WAIT_S
+
+    args = ["--arch", "resnet9_tiny", "--profile", "smoke", "--cluster", REPO / "slurm/multinode.yaml", "--dry-run",
+            "--runs", tmp_path, "--sweep", "s", f"data.dir={beton_dir}"]
+    two_nodes, one_node = (run_main("jobs/launch.py", *map(str, args), *extra) for extra in ([], ["--nodes", "1"]))
+    assert two_nodes.returncode == 0 and one_node.returncode == 0, two_nodes.stderr + one_node.stderr
+    srun_lines = [[line for line in r.stdout.splitlines() if line.startswith("srun ")] for r in (two_nodes, one_node)]
+    assert len(srun_lines[0]) == 1 and f" --wait={STEP_WAIT_S} " in srun_lines[0][0], two_nodes.stdout[-2000:]
+    assert len(srun_lines[1]) == 1 and "--wait" not in srun_lines[1][0]
+    watchdog = 'scontrol show step "$SLURM_JOB_ID.0"'
+    assert watchdog in two_nodes.stdout and watchdog not in one_node.stdout
 
 
 def test_cluster_script_starts_two_nodes_and_stop_leaves_nothing(slurm_session):
@@ -270,9 +203,11 @@ def test_cut_link_fails_both_ranks_in_bounded_time(two_nodes, beton_dir, runs):
     finally:
         if namespace:
             subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "up"], check=True)
-        # SLURM would end this job only once it declared node2 dead (SlurmdTimeout, 5 minutes):
         # srun on node1 still waits for the exit of node2's task, whose message was lost with the
-        # link. The ranks are gone; the job's shell is cancelled here.
+        # link (slurmstepd does not send it again): SLURM would end this job when it declared
+        # node2 dead (SlurmdTimeout, 5 minutes), or srun's --wait (slurm.STEP_WAIT_S) a minute
+        # after rank 0 left (slurm.step_watchdog: once the link is back). The ranks are gone;
+        # the job's shell is cancelled here.
         subprocess.run(["scancel", job], env=two_nodes, capture_output=True)
         wait_for(lambda: job_ended(job, two_nodes), 60, "the cancelled job to end")
     assert not (run_dir / "summary.json").exists()

@@ -109,3 +109,21 @@ def test_online_wandb_without_an_answer_logs_offline_after_the_init_timeout(tmp_
     record = json.loads((tmp_path / "wandb.json").read_text())
     assert record["mode"] == "offline" and Path(record["offline_dir"]).is_dir()
     assert waited < 60, waited  # bounded by the setting, not wandb's 90 s (a loose bound: a shared machine)
+
+
+def test_a_start_killed_before_its_first_checkpoint_and_started_again_logs_to_one_wandb_run(tmp_path):
+    # #22: the W&B run id lived in the checkpoint only, so an attempt killed before its first
+    # checkpoint (a requeue, a retry after a lost node) started a second W&B run for the same job.
+    from helpers import SMALL
+    from trainer.config import load_config
+    from trainer.logger import RunLogger
+
+    cfg = load_config(SMALL, ["logging.mode=offline"])
+    first = RunLogger(tmp_path, cfg, None, 0)  # the first start: no checkpoint, so no id from one
+    first.log_step(1, {"loss": 2.3})
+    first.finish()  # (a kill would not finish; what counts is the id the next start takes)
+    again = RunLogger(tmp_path, cfg, None, 0)  # started again, still with no checkpoint
+    again.finish()
+    ids = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")}
+    assert ids == {first.run_id}, ids  # every offline-run-<time>-<id> folder names the one id
+    assert again.run_id == first.run_id == json.loads((tmp_path / "wandb.json").read_text())["id"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,25 @@ def resolve_wandb_mode(mode: str) -> str:
         return "online" if read_netrc_auth(host=host) else "offline"
     except Exception:  # an unreadable netrc or a changed wandb internals: be safe, stay local
         return "offline"
+
+
+def folder_run_id(run_dir: Path, checkpoint_id: str | None) -> str:
+    """The run folder's W&B run id: the one its wandb.json names, else the checkpoint's (a folder
+    from before wandb.json held it), else a new one, written to wandb.json before wandb.init. Fixed
+    at the first start, so that every later start (a resume, a requeue, a retry) logs to one W&B
+    run, also when the attempt before was killed before its first checkpoint."""
+    path = run_dir / WANDB
+    try:
+        found = json.loads(path.read_text()).get("id")
+        if isinstance(found, str) and found:
+            return found
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as e:  # cut short by a full disk: the checkpoint's, or a new one
+        print(f"warning: {path}: unreadable ({type(e).__name__}: {e}); writing it again", file=sys.stderr)
+    run_id = checkpoint_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    write_text_atomic(path, json.dumps({"id": run_id}, indent=2) + "\n")
+    return run_id
 
 
 class NullLogger:
@@ -105,6 +126,7 @@ class RunLogger(NullLogger):
         if self.mode == "disabled":
             return None
         try:
+            run_id = folder_run_id(run_dir, run_id)
             import wandb
 
             try:

@@ -6,7 +6,8 @@
         cluster   the cluster settings it was submitted with
         jobs      job name -> {"job_id", "submitted" (or "queued"), "devices" under --local; and for a
                   job that was retried (launch.py --retries): "attempts", a list of its ended
-                  attempts, each {"job_id", "state", "cause" (one line, or null), "ended"}, and
+                  attempts, each {"job_id", "state", "cause" (one line, or null), "epoch" (the run's
+                  epochs done when it ended), "ended"}, and
                   "not_retried" (why a failed job was left failed) when it applies}
         git_sha
 

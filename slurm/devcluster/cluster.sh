@@ -17,6 +17,9 @@
 #             daemons, wait for them to exit; remove the nodes' namespaces, links and bridge
 #   status    say which daemons run (one slurmd per node), print sinfo (exit 0 all up, 3 otherwise)
 #   env       print `export SLURM_CONF=...`:  eval "$(slurm/devcluster/cluster.sh env)"
+#   slurmd NODE
+#             start NODE's slurmd again if it is not running (it crashed, or was killed); its
+#             running job steps carry on (the chaos soak, tests/chaos.py, kills slurmds)
 #
 # The daemons' config files are written on every start from templates/*.in beside this script
 # (slurm.conf, slurmdbd.conf, my.cnf), with this machine's host name, hardware, ports and folders
@@ -47,9 +50,11 @@
 # name nodeI and a private mount of a hosts file (the machine's, plus every node and the
 # controller) over /etc/hosts, so node names resolve, forwards and backwards, inside jobs. Job steps
 # inherit their slurmd's namespaces: a task on nodeI sees host name nodeI and its own eth0, and
-# the same file system, as on a cluster with a shared file system. Each node gets 1/N of the
-# cores (at least one) and of the memory. Link-local addresses on a private bridge are routed
-# nowhere: nothing leaves the machine. MariaDB, slurmdbd and slurmctld stay in the root namespace.
+# the same file system, as on a cluster with a shared file system; a file system mounted under
+# $SLURM_ROOT/mnt while the cluster runs is seen by every node too (shared_mount_up). Each node
+# gets 1/N of the cores (at least one) and of the memory. Link-local addresses on a private
+# bridge are routed nowhere: nothing leaves the machine. MariaDB, slurmdbd and slurmctld stay in
+# the root namespace.
 # Only one multi-node cluster per machine (the subnet is fixed); the names of its namespaces and
 # links carry SLURM_PORT_BASE, so another cluster's start or stop never touches them.
 #
@@ -91,6 +96,7 @@ LOG=$ROOT/log
 RUN=$ROOT/run                      # pid files
 NODES_FILE=$ETC/nodes              # how many nodes the last start asked for
 HOSTS_FILE=$ETC/hosts              # the nodes' /etc/hosts (N>1)
+SHARED_MNT=$ROOT/mnt               # N>1: what is mounted under it later, every node sees too
 
 # The multi-node network. Interface names are at most 15 characters: "s6817br", "s6817v12".
 SUBNET=169.254.100
@@ -135,6 +141,9 @@ node_names() {  # N: the compute nodes' names
 # One node's slurmd pid file; SLURM writes it where slurm.conf's SlurmdPidFile says (%n = node).
 slurmd_pidfile() {  # N NODE
     if (($1 == 1)); then echo "$RUN/slurmd.pid"; else echo "$RUN/slurmd-$2.pid"; fi
+}
+slurmd_log() {  # N NODE
+    if (($1 == 1)); then echo "$LOG/slurmd.log"; else echo "$LOG/slurmd-$2.log"; fi
 }
 
 # --- processes -----------------------------------------------------------------------------------
@@ -355,6 +364,23 @@ net_up() {  # N
     done
 }
 
+# $SHARED_MNT, for N>1: a folder bind-mounted on itself and made a shared mount before the
+# slurmds start, so that a file system mounted under it later (the chaos soak's small tmpfs,
+# tests/chaos.py) is seen by every node, as a cluster's shared file system is. Each node has a
+# private mount namespace (its /etc/hosts): a mount made anywhere else after the start stays out
+# of the nodes' sight.
+shared_mount_up() {
+    mkdir -p "$SHARED_MNT"
+    mountpoint -q "$SHARED_MNT" || mount --bind "$SHARED_MNT" "$SHARED_MNT"
+    mount --make-shared "$SHARED_MNT"
+}
+
+shared_mount_down() {  # what is mounted under it too; a busy one is detached (umount -l)
+    if mountpoint -q "$SHARED_MNT" 2>/dev/null; then
+        umount -R "$SHARED_MNT" 2>/dev/null || umount -R -l "$SHARED_MNT"
+    fi
+}
+
 # This cluster's namespaces, including those of a previous start with another N.
 cluster_namespaces() {
     ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}node[0-9]+$" || true
@@ -477,17 +503,40 @@ start_slurmds() {  # N
     else
         log=$LOG/slurmd-node1.log
         for ((i = 1; i <= n; i++)); do
-            mkdir -p "$SPOOL/node$i"
-            # nsenter, not `ip netns exec`: that remounts /sys for the namespace, which hides
-            # /sys/fs/cgroup, and slurmd then fails to start. The UTS and mount namespaces are the
-            # node's own: its host name, and the hosts file over /etc/hosts. slurmd forks and the
-            # daemon keeps the namespaces alive; its job steps inherit them.
-            nsenter --net="/var/run/netns/${NS_PREFIX}node$i" \
-                unshare --uts --mount --propagation private \
-                sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd' sh "node$i" "$HOSTS_FILE"
+            start_node_slurmd "node$i"
         done
     fi
     wait_for "slurmd (all $n node(s) idle)" "$log" nodes_ok "$n"
+}
+
+start_node_slurmd() {  # NODE (of a cluster of several nodes)
+    mkdir -p "$SPOOL/$1"
+    # nsenter, not `ip netns exec`: that remounts /sys for the namespace, which hides
+    # /sys/fs/cgroup, and slurmd then fails to start. The UTS and mount namespaces are the
+    # node's own: its host name, and the hosts file over /etc/hosts. slurmd forks and the
+    # daemon keeps the namespaces alive; its job steps inherit them.
+    # --propagation slave: the node's copy of $SHARED_MNT (a shared mount) receives what is
+    # mounted under it afterwards; every other mount, private here, stays as it was.
+    nsenter --net="/var/run/netns/${NS_PREFIX}$1" \
+        unshare --uts --mount --propagation slave \
+        sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec slurmd' sh "$1" "$HOSTS_FILE"
+}
+
+# A node's slurmd back after it died (a crash, or the chaos soak's SIGKILL: tests/chaos.py). The
+# job steps it started run on without it (each has its own slurmstepd); the new slurmd finds them
+# in the node's spool and reports them again, so a node back within SlurmdTimeout loses no job.
+cmd_slurmd() {  # NODE
+    local n node=$1 pid
+    n=$(recorded_nodes)
+    node_names "$n" | grep -qx "$node" || die "slurmd: no node '$node' in this cluster (nodes: $(node_names "$n" | xargs))"
+    if pid=$(live_pid slurmd "$(slurmd_pidfile "$n" "$node")"); then
+        say "slurmd $node runs already (pid $pid)"
+        return 0
+    fi
+    [[ $(id -u) == 0 ]] || die "slurmd needs root (the daemons run as root)"
+    if ((n == 1)); then slurmd; else start_node_slurmd "$node"; fi
+    wait_for "slurmd $node" "$(slurmd_log "$n" "$node")" live_pid slurmd "$(slurmd_pidfile "$n" "$node")"
+    say "slurmd $node started (pid $(live_pid slurmd "$(slurmd_pidfile "$n" "$node")"))"
 }
 
 # For about 3 s after it starts, slurmctld leaves batch jobs pending (its first scheduling pass
@@ -548,6 +597,7 @@ cmd_start() {  # N
         [[ -z $used ]] || die "$SUBNET.0/24 is already used by link(s) $used (another multi-node cluster? stop it first)"
         write_hosts "$n"
         net_up "$n"
+        shared_mount_up
         say "bridge $BRIDGE ($CTLD_NET_ADDR/24) and $n node namespaces up"
     fi
     # Plain calls, not `f && say`: bash ignores `set -e` inside a function called from an && list.
@@ -625,6 +675,7 @@ cmd_stop() {
     fi
     stop_slurmds
     net_down
+    shared_mount_down
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         entry=${DAEMONS[i]}
         name=${entry%%:*} file=${entry#*:}
@@ -678,7 +729,7 @@ cmd_env() {
 }
 
 usage_error() {
-    echo "cluster.sh: usage: $0 {install|start [--nodes N]|stop|status|env}${1:+ (got: $1)}" >&2
+    echo "cluster.sh: usage: $0 {install|start [--nodes N]|stop|status|env|slurmd NODE}${1:+ (got: $1)}" >&2
     exit 2
 }
 
@@ -694,6 +745,10 @@ case ${1:-} in
         [[ $nodes =~ ^[1-9][0-9]*$ ]] && ((nodes <= MAX_NODES)) ||
             die "--nodes: expected a whole number from 1 to $MAX_NODES, got '$nodes'"
         cmd_start "$nodes"
+        ;;
+    slurmd)
+        [[ $# == 2 ]] || usage_error "$*"
+        cmd_slurmd "$2"
         ;;
     install | stop | status | env)
         [[ $# == 1 ]] || usage_error "$*"

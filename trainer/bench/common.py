@@ -16,7 +16,8 @@ from trainer.files import write_text_atomic
 class Settings:
     """What one run measures; --quick and --smoke shrink the full (GPU-sized) defaults."""
 
-    loader_epochs: int = 3  # measured epochs per loader (at least; and 3 s of them), after a warm-up epoch
+    loader_epochs: int = 3  # measured epochs per loader (at least; and loader_min_s of them), after a warm-up epoch
+    loader_min_s: float = 3.0  # seconds of measured epochs per loader, at least: a median a burst cannot spoil
     loader_images: int = 0  # train on the first N images only (0 = all)
     archs: tuple[str, ...] = ()
     step_batch: int = 256
@@ -36,8 +37,8 @@ def quick_settings() -> Settings:
 
 def smoke_settings() -> Settings:
     """For the tests: every part's code path on a few batches; 2,048 images fit any CIFAR-10 copy."""
-    return Settings(loader_epochs=1, loader_images=2048, archs=("resnet9_tiny",), step_batch=16, step_steps=2,
-                    step_warmup=2)
+    return Settings(loader_epochs=1, loader_min_s=0.0, loader_images=2048, archs=("resnet9_tiny",), step_batch=16,
+                    step_steps=2, step_warmup=2)
 
 
 def cores() -> int:

@@ -3,7 +3,8 @@ translate 4, cutout 8, float32, batch 512, all on the training device):
 
 (a) a torch DataLoader with per-sample torchvision transforms and one worker per core, the baseline
     most CIFAR code uses, (b) the FFCV loader, (c) the device-resident loader; the median of full
-    epochs (at least 3 s of them) after a warm-up epoch (ffcv's first epoch compiles), ratios to (a).
+    epochs (at least 3 s of them; --smoke: one) after a warm-up epoch (ffcv's first epoch compiles),
+    ratios to (a).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def torchvision_loader(
     )
 
 
-def time_loader(loader, device: torch.device, epochs: int, threads: int, min_seconds: float = 3.0) -> dict:
+def time_loader(loader, device: torch.device, epochs: int, threads: int, min_seconds: float) -> dict:
     """Images/s of the median epoch among at least `epochs` full epochs and `min_seconds` of them,
     after one warm-up epoch (whose seconds are kept apart). A fast loader's epoch lasts a fraction
     of a second, which a burst of another process's work can spoil; the median of many is robust."""
@@ -113,14 +114,15 @@ def bench_loaders(data_dir: Path, device: torch.device, settings: Settings, thre
 
     images, labels = read_beton(data_dir / "train.beton", settings.loader_images or None, workers)
     baseline = torchvision_loader(images.numpy(), labels.numpy(), device, workers)
-    results["dataloader"] = time_loader(baseline, device, settings.loader_epochs, threads)
+    results["dataloader"] = time_loader(baseline, device, settings.loader_epochs, threads, settings.loader_min_s)
     del baseline  # stops its worker processes
 
     for kind in ("ffcv", "resident"):
         start = time.perf_counter()
         train, _ = build_loaders(replace(cfg, loader=kind), group, seed=0, threads=threads)
         build_s = time.perf_counter() - start
-        results[kind] = {**time_loader(train, device, settings.loader_epochs, threads), "build_s": build_s}
+        timed = time_loader(train, device, settings.loader_epochs, threads, settings.loader_min_s)
+        results[kind] = {**timed, "build_s": build_s}
         del train
 
     base = results["dataloader"]["images_per_s"]

@@ -7,9 +7,11 @@ Only a launcher that watches the sweep retries: `--wait` on SLURM, `--local` (it
 `--status SWEEP --wait --retries N` for a SLURM sweep launched without --wait. TIMEOUT and
 PREEMPTED are not retries: submitit and SLURM requeue those (max_requeues).
 
-A failure that repeats the previous attempt's error line is deterministic (a bad config, a bug):
-the job is not retried again. A kill without a result or a node failure says nothing of the job
-itself, so those are retried up to N times.
+A failure that repeats the previous attempt's error line, with no epoch finished between the two,
+is deterministic (a bad config, a bug): the job is not retried again. The same line after progress
+is not: a rank killed twice, or two lost peers, fail each attempt with the same collective error
+(the chaos soak, tests/chaos.py, found this), and the attempt between trained on. A kill without a
+result or a node failure says nothing of the job itself, so those are retried up to N times.
 
 Each ended attempt of a retried job goes into sweep.json (sweep_file.py), with its cause in one line.
 """
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
     from trainer.launch.plan import Plan
 
 RETRIED_STATES = ("FAILED", "NODE_FAIL")  # SLURM's, and a local job's FAILED (state.py)
+# Looks at which a retry whose submission failed is submitted again before the job is left failed:
+# a disk full for seconds (submitit writes the job's pickle into the sweep folder) or a controller
+# restarting must not end a job that its next look could have retried (the chaos soak's full disk).
+SUBMIT_TRIES = 3
 _RULE = "----------------------"  # submitit's: a job's traceback stands between two of these
 
 
@@ -50,7 +56,10 @@ def not_retried(attempts: list[dict], limit: int) -> str | None:
     if len(attempts) >= 2:
         last, before = attempts[-1], attempts[-2]
         # Only errors of the job's own: a kill or a lost node says nothing about the next attempt.
-        if last["state"] == before["state"] == "FAILED" and last["cause"] and last["cause"] == before["cause"]:
+        # An attempt that finished an epoch got past what failed the one before (records from
+        # before this rule have no epoch: None == None, no progress known).
+        if (last["state"] == before["state"] == "FAILED" and last["cause"] and last["cause"] == before["cause"]
+                and last.get("epoch") == before.get("epoch")):
             return f"the same error twice: {last['cause']}"
     return None
 
@@ -70,10 +79,14 @@ class Retrier:
                  idle: Callable[[str], bool] = lambda name: True) -> None:
         self.plan, self.limit, self.resubmit, self.idle = plan, limit, resubmit, idle
         self.settling = False  # a retried job wrote its summary, but SLURM has not seen its attempt end yet
+        self.refused: dict[str, int] = {}  # job name -> the submissions of its retry that failed so far
+        self.unsaved = False  # sweep.json could not be written (a full disk): the next look writes it
 
     def check(self, entries: list[dict]) -> bool:
         """Acts on each job that has ended since the last look; whether any was submitted again."""
         again = self.settling = False
+        if self.unsaved:
+            self._save()
         for entry in entries:
             name, info = entry["name"], self.plan.jobs.get(entry["name"])
             if info is None or entry["job_id"] is None or not terminal(entry) or not self.idle(name):
@@ -91,16 +104,23 @@ class Retrier:
                 continue
             state = f"{entry['state']} ({entry['note']})" if entry["note"] else entry["state"]
             attempt = {"job_id": entry["job_id"], "state": state, "cause": cause_line(entry["error"]) if failed else None,
-                       "ended": datetime.now().isoformat(timespec="seconds")}
-            info = self.plan.jobs[name] = {**info, "attempts": [*attempts, attempt]}
+                       "epoch": entry.get("epoch"), "ended": datetime.now().isoformat(timespec="seconds")}
+            before, info = info, {**info, "attempts": [*attempts, attempt]}
+            self.plan.jobs[name] = info
             if failed:
                 why = not_retried(info["attempts"], self.limit)
                 submitted = None
                 if why is None:
                     try:
                         submitted = self.resubmit(name)
-                    except Exception as e:  # sbatch refused (the controller away): this job stays failed, the watch goes on
+                    except Exception as e:  # sbatch refused (the controller away), a full disk
                         why = f"its retry could not be submitted ({described(e)})"
+                        self.refused[name] = self.refused.get(name, 0) + 1
+                        if self.refused[name] < SUBMIT_TRIES:  # the next look tries again; the watch goes on
+                            self.plan.jobs[name] = before
+                            self.settling = True
+                            print(f"{name}: {why}; trying again at the next look", flush=True)
+                            continue
                 if submitted is not None:
                     info = self.plan.jobs[name] = {**submitted, "attempts": info["attempts"]}
                     now = f"job {info['job_id']}" if info["job_id"] else "queued for a free slot"
@@ -110,8 +130,18 @@ class Retrier:
                 else:
                     info["not_retried"] = why
                     print(f"{name}: not retried: {why}", flush=True)
-            self.plan.save()
+            self._save()
         return again
+
+    def _save(self) -> None:
+        """Writes sweep.json; a full disk leaves its last good state (written atomically) and
+        this launcher watching: the next look writes it again."""
+        try:
+            self.plan.save()
+            self.unsaved = False
+        except OSError as e:
+            self.unsaved = True
+            print(f"warning: sweep.json not updated ({described(e)}); trying again at the next look", flush=True)
 
     def _taken_over(self, name: str, job_id: str) -> bool:
         """Whether another watcher of the sweep (a second --status --wait --retries) submitted
