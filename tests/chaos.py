@@ -1,6 +1,6 @@
 """The chaos soak (issue #22): a sweep on the 2-node dev cluster survives faults injected at random.
 
-    .venv/bin/python tests/chaos.py --faults 20 --seed 1 [--jobs 3] [--epochs 30] [--time-limit 3000]
+    .venv/bin/python tests/chaos.py --faults 20 --seed 1 [--jobs 3] [--epochs 40] [--time-limit 3000]
 
 Needs root (the dev cluster, a tmpfs, network namespaces) and the default dev cluster
 (slurm/devcluster/cluster.sh: SLURM_ROOT and SLURM_PORT_BASE as the environment says); it starts
@@ -425,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=20, help="faults to inject (default 20)")
     parser.add_argument("--seed", type=int, default=1, help="the punisher's random seed (default 1)")
     parser.add_argument("--jobs", type=int, default=3, help="jobs of the sweep: --seeds (default 3)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of each job (default 30; the sweep must outlast "
-                        "the faults: each takes about 3.5 epochs of it)")
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of each job (default 40; the sweep must outlast "
+                        "the faults: each took 3.5-5 epochs of it here)")
     parser.add_argument("--retries", type=int, default=30, help="the launcher's --retries (default 30)")
     parser.add_argument("--max-delay", type=float, default=10.0,
                         help="a fault comes up to this many seconds after its job is ready for one (default 10)")

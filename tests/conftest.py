@@ -14,8 +14,23 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
+
+def _keep_this_worker_on_its_own_cores() -> None:
+    """Under pytest-xdist, gives each worker its own share of the cores before numpy or torch is
+    imported, so torch's threads, the loaders' workers and every process a test starts see only
+    those (train.threads=0 and data.num_workers follow the affinity). Unpinned, two workers each ran
+    as many torch threads as the machine has cores: 4 spinning threads on 2 cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    cores = sorted(os.sched_getaffinity(0))
+    if worker is None or count is None or int(count) > len(cores):
+        return
+    os.sched_setaffinity(0, cores[int(worker.removeprefix("gw"))::int(count)])
+
+
+_keep_this_worker_on_its_own_cores()
+
+import numpy as np  # noqa: E402  (after the pinning: numpy's threads count the cores when it loads)
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CIFAR10 = Path(os.environ.get("CIFAR10_SOURCE", REPO.parent / "shared/data/cifar10/cifar-10-batches-py"))
@@ -113,7 +128,72 @@ def slurm(slurm_session) -> dict:
     return start_cluster(1)
 
 
-def pytest_collection_modifyitems(items):
+# ---- the suite on both cores (pytest-xdist) ----------------------------------------------------
+#
+# `pytest` runs the tests in two worker processes by default (pytest-xdist, `--dist loadgroup`);
+# `-n 0` or `-p no:xdist` runs them in this process, as does naming a single test file. Work that
+# must not be done twice or at once stays on one worker: see work_groups.
+
+MAX_WORKERS = 2  # more would split the same work thinner: the SLURM group alone is a third of the suite
+PER_WORKER_FIXTURES = {"cifar_source", "beton_dir", "real_cifar_source"}  # seconds: cheaper than a worker waiting
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Two workers and --dist loadgroup unless the command chose (-n, --dist); nothing without
+    pytest-xdist. Here rather than in addopts, so that `-p no:xdist` still parses."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+    if config.option.dist == "no":
+        config.option.dist = "loadgroup"
+    config.option.loadscopereorder = False  # the workers' order (work_groups' first) is the plan
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown under -p no:xdist
+def pytest_xdist_auto_num_workers(config):
+    """One worker a core, at most MAX_WORKERS; none (this process) for a single test file."""
+    paths = {Path(arg.split("::")[0]) for arg in config.args}
+    if len(paths) == 1 and next(iter(paths)).is_file():
+        return 0
+    return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+
+
+def work_groups(items) -> dict:
+    """The tests that must run on one worker, by group name: every test of the dev SLURM cluster
+    (one cluster, which the multi-node tests restart) in "slurm", and the users of an expensive
+    shared fixture (session- or module-scoped: a reference run, the 2-rank run, a module's sweep)
+    together, so that it is computed once. A test that needs two groups joins them."""
+    parent = {}
+
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys_of = {}
+    for item in items:
+        keys = []
+        for name in getattr(item, "fixturenames", ()):
+            fixture = item._fixtureinfo.name2fixturedefs.get(name, [None])[-1]
+            if not fixture or not fixture.baseid:  # pytest's own (tmp_path_factory: a session fixture)
+                continue
+            if name == "slurm_session":
+                keys.append("slurm")
+            elif fixture.scope == "session" and name not in PER_WORKER_FIXTURES:
+                keys.append(name)
+            elif fixture.scope == "module":
+                keys.append(f"{item.module.__name__}.{name}")
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        keys_of[item] = keys
+    slurm = root("slurm")
+    return {item: "slurm" if root(keys[0]) == slurm else root(keys[0]) for item, keys in keys_of.items() if keys}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
@@ -123,6 +203,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+    if hasattr(config, "workerinput") and config.getoption("dist") == "loadgroup":
+        groups = work_groups(items)
+        for item, group in groups.items():
+            item.add_marker(pytest.mark.xdist_group(group))
+        # The scheduler hands out work in this order: the SLURM group first (the longest chain,
+        # mostly waiting on jobs), then the other groups, then single tests, which fill the gaps.
+        items.sort(key=lambda item: (groups.get(item) != "slurm", item not in groups))
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -217,7 +304,7 @@ def resident_reference(beton_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-SIGNALLED_STEP = 41  # two_rank_run's pause: epoch 2, step 11 of 30
+SIGNALLED_STEP = 27  # two_rank_run's pause: epoch 2, step 7 of 20
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"  # shaped like a W&B API key
 
 
@@ -234,17 +321,18 @@ class TwoRankRun:
 
 @pytest.fixture(scope="session")
 def two_rank_run(beton_dir, tmp_path_factory) -> TwoRankRun:
-    """One 2-process gloo DDP run under torchrun, read by several tests: SMALL_RUN for 2 epochs with
-    ffcv's flip and translation, a validation split, offline W&B and strict collectives (every
-    tensor all-reduced or broadcast made on the training device, as NCCL demands); paused by a
-    SIGUSR2 sent to rank 1 only, right after global step 41 (epoch 2, step 11: no logging step),
-    and resumed to the end. Read by test_trainer::test_two_process_gloo_ddp_with_offline_wandb,
+    """One 2-process gloo DDP run under torchrun, read by several tests: SMALL_RUN on 2,000 images
+    (20 steps an epoch) for 2 epochs with ffcv's flip and translation, a validation split, offline
+    W&B and strict collectives (every tensor all-reduced or broadcast made on the training device, as
+    NCCL demands); paused by a SIGUSR2 sent to rank 1 only, right after global step 27 (epoch 2, step
+    7: no logging step), and resumed to the end. Read by test_trainer::test_two_process_gloo_ddp_with_offline_wandb,
     test_signals::test_two_ranks_agree_on_the_step_when_only_one_is_signalled, and
     test_validation's two-process test."""
     import torch
 
     run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
-    args = [*small_run_args(beton_dir, "train.epochs=2", "data.flip=true", "data.translate=2", "data.val_split=250",
+    args = [*small_run_args(beton_dir, "data.train_subset=2000", "data.test_subset=200", "train.epochs=2",
+                            "data.flip=true", "data.translate=2", "data.val_split=250",
                             "logging.mode=offline", "logging.log_every=1000", EVERY_STEP), "--run-dir", str(run_dir)]
     env = {**os.environ, "WANDB_API_KEY": FAKE_WANDB_KEY, "TRAINER_STRICT_COLLECTIVES": "1",
            "TEST_SIGNAL_RANK": "1", "TEST_SIGNAL_AT_STEP": str(SIGNALLED_STEP)}

@@ -135,6 +135,21 @@ def test_prepare_cli_second_run_does_nothing(beton_dir, cifar_source):
     assert "nothing to do" in r.stdout
 
 
+@pytest.mark.slow
+def test_prepare_on_one_core_exits_once_its_files_are_written(cifar_source, tmp_path):
+    """A real process allowed one core, as a 1-CPU SLURM task or container runs it: prepare wrote
+    its files, then hung at its exit in numba's TBB thread pool (found when the suite's workers
+    were pinned to a core each). A hang is the subprocess's timeout here."""
+    import subprocess
+
+    one_core = {min(os.sched_getaffinity(0))}
+    r = subprocess.run([sys.executable, "-m", "trainer.data", "prepare", "--source", str(cifar_source), "--out",
+                        str(tmp_path / "out"), "--workers", "1"], preexec_fn=lambda: os.sched_setaffinity(0, one_core),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"train.beton", "test.beton", cifar10.SIDECAR}
+
+
 @pytest.fixture
 def broken_source(tmp_path, cifar_source):
     """A copy of the source (symlinks) whose files a test may replace."""
@@ -356,6 +371,7 @@ def test_more_threads_than_numba_allows_are_lowered_or_one_line(beton_dir, capsy
 
     common._LOWERED.clear()
     monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 1)  # as NUMBA_NUM_THREADS=1 in the environment
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # on 2 cores (one core would be the limit)
     assert common.loader_workers(2) == 1
     assert "data.num_workers=2 is more than the 1 threads numba may start here (NUMBA_NUM_THREADS); using 1" in \
         capsys.readouterr().err

@@ -175,12 +175,13 @@ DEVICES = re.compile(r"job started on \S+: CUDA_VISIBLE_DEVICES='([^']*)'")
 @pytest.mark.slow
 def test_local_sweep_of_three_jobs_on_two_gpus(beton_dir, tmp_path):
     # Three seeds of the smallest network: the jobs' scheduling is the point, not what they train.
-    # The launcher runs in this process (test_launch.launch); each job is a process of its own.
+    # The launcher runs in this process (test_launch.launch); each job is a process of its own. One
+    # thread each: two jobs at once share two cores.
     from trainer.device import cpu_flags, native_bf16_cpu
 
     env = {"TRAINER_LOCAL_GPUS": "0,1"}
     r = launch("--arch", "resnet9_tiny", "--seeds", "3", "--profile", "smoke", "--local", "--sweep", "here", "--runs",
-               tmp_path, f"data.dir={beton_dir}", "logging.mode=disabled", env=env)
+               tmp_path, f"data.dir={beton_dir}", "logging.mode=disabled", "train.threads=1", env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "--local: running the jobs on this machine with submitit's local executor" in r.stdout
     assert "3 job(s) of sweep here on this machine: at most 2 job(s) at once, on GPU 0; GPU 1" in r.stdout

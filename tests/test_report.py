@@ -21,13 +21,15 @@ from wandb_records import history, read_records
 CONFIGS = REPO / "jobs/configs"
 SWEEP = "rep"
 ARCHS = ["resnet9_tiny", "mobilenet", "alexnet", "inception_bn", "efficientnet"]
+TESTED = 200  # test images each run is evaluated on (and the report's ensemble)
 
 
 def small(beton_dir: Path, config: str, *extra: str) -> list[str]:
-    """Seconds per run: 500 training images (5 steps), 500 test images, one CPU thread (two spin
+    """Seconds per run: 500 training images (5 steps), TESTED test images, one CPU thread (two spin
     against each other where other work shares the cores)."""
     return [
-        "--config", str(CONFIGS / config), f"data.dir={beton_dir}", "data.train_subset=500", "data.test_subset=500",
+        "--config", str(CONFIGS / config), f"data.dir={beton_dir}", "data.train_subset=500",
+        f"data.test_subset={TESTED}",
         "data.batch_size=100", "data.num_workers=1", "data.flip=false", "data.translate=0", "train.patience=0",
         "train.compile=false", "train.threads=1", "logging.mode=disabled", "logging.log_every=5",
         f"logging.group={SWEEP}", *extra,
@@ -135,7 +137,7 @@ def test_table_numbers_are_the_summaries_and_the_seed(sweep, reported):
     assert "⁴ Not an accuracy on a par with the rest." in report and "CPU-s)" not in report
     assert f"- device: 1 x {s['device']}" in report
     assert f"- data: {s['data']['dir']} (CIFAR-10 from {s['data']['source_dir']}" in report
-    assert "tested on the first 500 test images" in report
+    assert f"tested on the first {TESTED} test images" in report
 
 
 @pytest.mark.slow
@@ -228,15 +230,16 @@ def _probabilities(run_dir: Path, beton_dir: Path) -> tuple[torch.Tensor, torch.
 @pytest.mark.slow
 def test_ensemble_matches_an_independent_evaluation(sweep, reported, beton_dir):
     (p_tiny, y), (p_mobile, y2) = (_probabilities(sweep / a, beton_dir) for a in ("resnet9_tiny", "mobilenet"))
-    assert torch.equal(y, y2) and len(y) == 500
+    assert torch.equal(y, y2) and len(y) == TESTED
     for arch, p in (("resnet9_tiny", p_tiny), ("mobilenet", p_mobile)):
         correct = int((p.argmax(1) == y).sum())
-        assert 100.0 * correct / 500 == summary(sweep, arch)["best_test_acc"]  # the evaluation is the trainer's
-        assert f"| {arch} | {correct / 5:.2f} | {correct} / 500 |" in reported.stdout
+        assert 100.0 * correct / TESTED == summary(sweep, arch)["best_test_acc"]  # the evaluation is the trainer's
+        assert f"| {arch} | {100 * correct / TESTED:.2f} | {correct} / {TESTED} |" in reported.stdout
     correct = int(((p_tiny + p_mobile) / 2).argmax(1).eq(y).sum())
-    assert f"| ensemble of 2 | {correct / 5:.2f} | {correct} / 500 | |" in reported.stdout
+    assert f"| ensemble of 2 | {100 * correct / TESTED:.2f} | {correct} / {TESTED} | |" in reported.stdout
     best = max(summary(sweep, a)["best_test_acc"] for a in ("resnet9_tiny", "mobilenet"))
-    assert f"Ensemble {correct / 5:.2f}% vs the best single model" in reported.stdout and f"{best:.2f}%:" in reported.stdout
+    assert (f"Ensemble {100 * correct / TESTED:.2f}% vs the best single model" in reported.stdout
+            and f"{best:.2f}%:" in reported.stdout)
 
 
 @pytest.mark.slow

@@ -123,13 +123,18 @@ def test_the_lock_refuses_a_second_holder_naming_the_first(run_dir, beton_dir):
 
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_and_the_lock_dies_with_its_holder(run_dir, tmp_path):
+    from trainer import run_files
+
     log = tmp_path / "first.log"
     with log.open("w") as out:
         first = subprocess.Popen([sys.executable, "-m", "trainer", "--run-dir", str(run_dir), "train.epochs=50"],
                                  cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:  # then it is training epoch 4
+        # The lock file names its holder once the lock is taken (the copy names the process that
+        # trained the folder): no need to wait for an epoch.
+        lock = run_dir / run_files.LOCK
+        while not (lock.exists() and f"PID {first.pid} " in lock.read_text()):
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         second = run_main("trainer", "--run-dir", str(run_dir), "--stop-after-epoch", "4")

@@ -96,7 +96,7 @@ def test_two_ranks_agree_on_the_step_when_only_one_is_signalled(two_rank_run):
     # logging step in the epoch. Rank 0 must learn of it at the next check and both stop after the
     # same step: a rank that trained on would wait in its next collective for one that had left.
     assert two_rank_run.paused.returncode == 0
-    epoch, step = divmod(SIGNALLED_STEP, 30)  # 3,000 images / 100 a step (50 a rank)
+    epoch, step = divmod(SIGNALLED_STEP, 20)  # 2,000 images / 100 a step (50 a rank)
     assert f"stopped by signal SIGUSR2 in epoch {epoch + 1} at step {step}" in two_rank_run.paused.stdout
     stopped = two_rank_run.paused_state
     assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (epoch, step, SIGNALLED_STEP)

@@ -235,15 +235,15 @@ def test_bad_input_is_one_error_line(args, fragment, tmp_path):
 def test_two_process_gloo_ddp_with_offline_wandb(two_rank_run):
     # conftest.two_rank_run: paused mid-epoch 2 by a signal to rank 1, then resumed to the end.
     run_dir, r = two_rank_run.run_dir, two_rank_run.resumed
-    # data.batch_size=100 is the global batch: 50 a rank, the 30 steps an epoch one process takes.
-    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["global_step"] == 2 * 3000 // 100
+    # data.batch_size=100 is the global batch: 50 a rank, the 20 steps an epoch one process takes.
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["global_step"] == 2 * 2000 // 100
     rows = metrics(run_dir)
     assert [m["epoch"] for m in rows] == [1, 2] and rows[1]["train_loss"] < rows[0]["train_loss"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert SUMMARY_FIELDS <= summary.keys()
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     assert two_rank_run.paused.stdout.count("epoch   1 ") == 1  # only rank 0 logs
-    assert "from epoch 2, step 11" in r.stdout and r.stdout.count("epoch   2 ") == 1
+    assert "from epoch 2, step 7" in r.stdout and r.stdout.count("epoch   2 ") == 1
 
     # The offline W&B run (one run in two segments, before and after the pause) holds the logged
     # test accuracies and the config.

@@ -266,4 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="convert even if the outputs are current")
     p.add_argument("--workers", type=int, default=2, help="ffcv writer processes")
     args = parser.parse_args(argv)
+    # A prepare process allowed one core (taskset, a 1-CPU SLURM task or container) hung at its exit
+    # in numba's TBB thread pool (OpenMP's alike) after ffcv's writer, its files written; numba's own
+    # workqueue pool does not, and the writer's work is done in its processes, not these threads.
+    # Only this command's process, before numba loads; a NUMBA_THREADING_LAYER of the user's wins.
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
     cli.run(lambda: prepare(args.out, args.source, args.force, args.workers) and None)
