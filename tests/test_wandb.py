@@ -4,6 +4,7 @@ from the offline records (no network here)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_a_start_killed_before_its_first_checkpoint_and_started_again_logs_to_on
     first.finish()  # (a kill would not finish; what counts is the id the next start takes)
     again = RunLogger(tmp_path, cfg, None, 0)  # started again, still with no checkpoint
     again.finish()
-    ids = {p.name.rsplit("-", 1)[1] for p in tmp_path.glob("wandb/offline-run-*")}
-    assert ids == {first.run_id}, ids  # every offline-run-<time>-<id> folder names the one id
+    # every offline-run-<date>_<time>-<id> folder names the one id (W&B adds "-1" to a folder name
+    # taken already: two starts within one second)
+    folders = [p.name for p in tmp_path.glob("wandb/offline-run-*")]
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([^-]+)", name)[1] for name in folders}
+    assert len(folders) == 2 and ids == {first.run_id}, folders
     assert again.run_id == first.run_id == json.loads((tmp_path / "wandb.json").read_text())["id"]

@@ -138,6 +138,9 @@ class RunLogger(NullLogger):
                 self.info(f"warning: W&B did not start online within logging.init_timeout_s="
                           f"{cfg.logging.init_timeout_s:g} ({described(e)}); logging offline instead")
                 self.mode = "offline"
+                # The online attempt still holds the run id in this process ("run ID ... is in use"):
+                # let it go, so that the offline run keeps the folder's id.
+                wandb.teardown()
             return self._init_wandb(wandb, run_dir, cfg, run_id)
         except Exception as e:
             self.info(f"warning: W&B could not start ({type(e).__name__}: {e}); training goes on without it")

@@ -733,8 +733,14 @@ usage_error() {
     exit 2
 }
 
+# The daemons, and every job they start, may use all of the machine's cores, whatever this script
+# was started from: a caller pinned to one core (a pytest-xdist worker, taskset) would otherwise
+# hand its one core down to the whole cluster and every rank of its jobs.
+all_cores() { taskset -cp "$(cat /sys/devices/system/cpu/online)" $$ >/dev/null 2>&1 || true; }
+
 case ${1:-} in
     start)
+        all_cores
         nodes=1
         case "${2:-}:${3:-}:$#" in
             :*:1) ;;
@@ -748,6 +754,7 @@ case ${1:-} in
         ;;
     slurmd)
         [[ $# == 2 ]] || usage_error "$*"
+        all_cores
         cmd_slurmd "$2"
         ;;
     install | stop | status | env)
