@@ -151,6 +151,13 @@ def pytest_cmdline_main(config):
     config.option.loadscopereorder = False  # the workers' order (work_groups' first) is the plan
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's, as below
+def pytest_configure_node(node):
+    """Tells each worker that the tests are scheduled by group: a worker reads the command line
+    again, not the options pytest_cmdline_main set here, so it would not mark the groups."""
+    node.workerinput["cifar_loadgroup"] = node.config.getoption("dist") == "loadgroup"
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown under -p no:xdist
 def pytest_xdist_auto_num_workers(config):
     """One worker a core, at most MAX_WORKERS; none (this process) for a single test file."""
@@ -203,7 +210,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-    if hasattr(config, "workerinput") and config.getoption("dist") == "loadgroup":
+    if hasattr(config, "workerinput") and config.workerinput.get("cifar_loadgroup"):
+        config.option.loadgroup = True  # read by xdist's own hook, after this one: the "@group" node ids
         groups = work_groups(items)
         for item, group in groups.items():
             item.add_marker(pytest.mark.xdist_group(group))
