@@ -111,3 +111,17 @@ def assert_same_weights(a: Path, b: Path) -> None:
     # a real one (a rank that saw other data, a resume that skipped or repeated a batch).
     different = different_tensors(a, b)
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def release_requeued(job: str, env: dict, timeout: float = 120) -> None:
+    """Starts a requeued job at once instead of after its hold (BeginTime: slurm.conf's cred_expire,
+    30 s on the dev cluster). Only once the hold is in place: sacct says REQUEUED as soon as a requeue
+    is asked for, before slurmctld has ended and requeued the job (which would set the hold again);
+    and not in the second of the requeue (the job would fail: "credential revoked")."""
+    def held() -> bool:
+        return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True,
+                              text=True).stdout.split() == ["PENDING", "BeginTime"]
+
+    wait_for(held, timeout, f"requeued job {job} to wait for its start time")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)

@@ -17,11 +17,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from cluster_tools import release_requeued
 from conftest import REPO, SMALL_RUN
 from helpers import one_error_line
 from test_cluster_knobs import cluster_yaml
@@ -156,13 +156,7 @@ def test_a_job_in_the_image_is_requeued_from_outside_after_usr2(image, slurm, be
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
     submitit.SlurmJob(folder=tmp_path / "boxed/submitit/%j", job_id=job_id)._interrupt(timeout=True)  # USR2
 
-    def held() -> bool:  # requeued: SLURM holds it for 120 s (see test_launch's USR2 test)
-        return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], env=slurm, capture_output=True,
-                              text=True).stdout.split() == ["PENDING", "BeginTime"]
-
-    wait_for(held, 120, "the job, requeued from outside its container, to wait for its start time")
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+    release_requeued(job_id, slurm)  # requeued from outside its container
     done = launch("--status", "boxed", "--runs", tmp_path, "--wait", env=slurm)
     assert done.returncode == 0, done.stdout[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "boxed/submitit").rglob("*_log.*"))

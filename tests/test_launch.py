@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
+from cluster_tools import release_requeued
 from conftest import REPO, SMALL_RUN
 from helpers import Result, one_error_line, run_main
 
@@ -212,17 +213,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, beton_
     monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])  # submitit's own scancel/sacct calls
     job = submitit.SlurmJob(folder=tmp_path / "pre/submitit/%j", job_id=job_id)
     job._interrupt(timeout=True)  # USR2, as SLURM sends it before the time limit
-    # SLURM holds a requeued job for 120 s; release it early, once the hold is in place (sacct says
-    # REQUEUED as soon as it is asked to, before the job has ended and slurmctld requeued it, which
-    # would set the hold again), and not in the second of the requeue (the job would fail:
-    # "credential revoked").
-    def held() -> bool:
-        return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], env=slurm, capture_output=True,
-                              text=True).stdout.split() == ["PENDING", "BeginTime"]
-
-    wait_for(held, 60, "the requeued job to wait for its start time")
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, check=True)
+    release_requeued(job_id, slurm)
 
     # The uninterrupted run to compare with, trained here while the requeued job starts: the config
     # the launcher trains resnet9_tiny with (jobs/configs/tiny.yaml), shrunk alike.
