@@ -43,6 +43,29 @@ def test_stop_check_interval_grows_to_many_steps_when_steps_are_short():
     assert check.every >= 16  # unless a 2 ms step took over 60 ms: no sync every step
 
 
+def test_stop_check_keeps_coming_inside_epochs_shorter_than_its_interval():
+    """Epochs of 5 steps, as the trainer runs them (a clock restart at each epoch start, no check
+    after an epoch's last step): quick steps stretch the interval past an epoch, then steps 10x
+    slower must bring it back within the bound. Counted from each epoch's start, an interval of 5
+    steps or more never came due again, and a budget's clock went unchecked to the epoch's end."""
+    check, checks = StopCheck(0.05, torch.device("cpu")), 0
+
+    def epochs(count: int, step_s: float) -> None:
+        nonlocal checks
+        for _ in range(count):
+            check.restart()
+            for i in range(5):
+                time.sleep(step_s)
+                if i + 1 < 5 and check.due():
+                    check.agree(None)
+                    checks += 1
+
+    epochs(12, 0.002)
+    assert check.every >= 5 and checks >= 5
+    epochs(3, 0.02)
+    assert check.every * 0.02 <= check.bound_s
+
+
 def test_stop_check_reports_the_signal():
     check = StopCheck(TrainConfig().stop_check_s, torch.device("cpu"))
     assert check.due()  # the first check comes after one step

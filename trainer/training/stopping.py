@@ -150,17 +150,22 @@ class StopCheck:
         self.every = 1  # the first check comes after one step, then the step time is known
         self.slowest_elapsed_s = 0.0
         self.ahead_s = bound_s  # the longest to the next check, as far as known
-        self.steps = 0
+        self.steps = 0  # since the last agreement: the next comes `every` of them after it
+        self.timed = 0  # of those, the steps since the clock last (re)started, and their time
         self.since = time.perf_counter()
 
     def restart(self) -> None:
-        """From here on (an epoch starts): the time between epochs (evaluation, checkpoint) is no step time."""
-        self.steps = 0
+        """From here on (an epoch starts, a budget was measured) the time is step time again: the
+        time since the last step (evaluation, checkpoint, measuring) is not. The steps since the last
+        agreement still count toward the next: were they counted from each epoch's start, an
+        interval as long as an epoch would never come due, and no check would come inside an epoch."""
+        self.timed = 0
         self.since = time.perf_counter()
 
     def due(self) -> bool:
         """Counts a step; True when the ranks are to agree now (every rank reaches it at the same step)."""
         self.steps += 1
+        self.timed += 1
         return self.steps >= self.every
 
     def agree(self, signum: int | None, elapsed_s: float = 0.0) -> int | None:
@@ -171,10 +176,11 @@ class StopCheck:
         measured = torch.tensor([float(signum or 0), time.perf_counter() - self.since, elapsed_s],
                                 dtype=torch.float64, device=self.device)
         any_signal, slowest_s, self.slowest_elapsed_s = all_reduce_max(measured, self.device).tolist()
-        self.ahead_s = max(self.bound_s, slowest_s / max(1, self.steps))
-        fits = int(self.bound_s * self.steps / slowest_s) if slowest_s > 0 else 2 * self.every
+        self.ahead_s = max(self.bound_s, slowest_s / max(1, self.timed))
+        fits = int(self.bound_s * self.timed / slowest_s) if slowest_s > 0 else 2 * self.every
         # At most doubling: one interval that happened to be fast cannot stretch the next one far
         # past the bound.
         self.every = max(1, min(fits, 2 * self.every))
+        self.steps = 0
         self.restart()
         return int(any_signal) or None
