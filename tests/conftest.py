@@ -140,13 +140,13 @@ PER_WORKER_FIXTURES = {"cifar_source", "beton_dir", "real_cifar_source"}  # seco
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """With `-n N` (or `-n auto`: at most two), --dist loadgroup unless the command chose another;
-    nothing without pytest-xdist. Here rather than in addopts, so that `-p no:xdist` still parses.
-    Opt-in for now: the default run is one process, because the last whole run on two workers
-    (2026-12-07, d3f2816) still had SLURM tests on both workers at once, not yet understood."""
+    """Two workers and --dist loadgroup unless the command chose (-n, --dist); nothing without
+    pytest-xdist. Here rather than in addopts, so that `-p no:xdist` still parses."""
     if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
         return
-    if config.option.numprocesses and config.option.dist == "no":
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+    if config.option.dist == "no":
         config.option.dist = "loadgroup"
     config.option.loadscopereorder = False  # the workers' order (work_groups' first) is the plan
 
@@ -218,6 +218,24 @@ def pytest_collection_modifyitems(config, items):
         # The scheduler hands out work in this order: the SLURM group first (the longest chain,
         # mostly waiting on jobs), then the other groups, then single tests, which fill the gaps.
         items.sort(key=lambda item: (groups.get(item) != "slurm", item not in groups))
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, which appends "@group" to the node ids
+def pytest_collection_finish(session):
+    """Refuses a worker's run whose groups did not reach its node ids: the scheduler would then
+    hand SLURM tests to both workers at once, which fail each other on the one cluster. pytest 9.2
+    keeps node ids where xdist 3.8 no longer writes them (constraints.txt pins pytest 9.1)."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.workerinput.get("cifar_loadgroup")):
+        return
+    ungrouped = [item.nodeid for item in session.items
+                 if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rpartition("]")[2]]
+    if ungrouped:
+        message = (f"error: pytest-xdist's --dist loadgroup left {len(ungrouped)} grouped tests ungrouped (e.g. "
+                   f"{ungrouped[0]}) under pytest {pytest.__version__}: install constraints.txt's pytest "
+                   f"(./setup.sh), or run in one process with -n 0")
+        sys.stderr.write(message + "\n")  # a worker's exception reaches the terminal only as xdist's INTERNALERROR
+        raise pytest.UsageError(message)
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
