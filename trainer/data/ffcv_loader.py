@@ -83,8 +83,10 @@ class FFCVLoader:
     """An ffcv Loader (a BatchLoader) that also puts torch's CPU thread count back after starting
     each epoch.
 
-    ffcv sets torch's thread count to its own worker count on import and at every epoch start;
-    left alone, the model would then run with as many threads as the loader decodes with.
+    ffcv sets torch's thread count to its own worker count on import and at every epoch start, the
+    latter in its decoding thread as that starts (a race with this process's own setting, which
+    that thread won on one core); left alone, the model would then run with as many threads as the
+    loader decodes with.
     """
 
     def __init__(self, loader, threads: int, num_samples: int, batch_size: int):
@@ -101,9 +103,11 @@ class FFCVLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
-        torch.set_num_threads(self.threads)
         try:
-            yield from batches
+            for i, batch in enumerate(batches):
+                if i == 0:  # ffcv's thread set its count as it started, before its first batch: ours again
+                    torch.set_num_threads(self.threads)
+                yield batch
             check_epoch(batches, self.loader.fname)
         finally:
             # Left mid-epoch (an error, a stop signal), ffcv's thread goes on decoding with numba,
