@@ -11,35 +11,23 @@ import pickle
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 
-CORE_SLOTS = 2  # the tests that compute run at most this many at once, each on its own share of the cores
-CORES = sorted(os.sched_getaffinity(0))  # before a worker narrows its affinity
+def _keep_this_worker_on_its_own_cores() -> None:
+    """Under pytest-xdist, gives each worker its own share of the cores before numpy or torch is
+    imported, so torch's threads, the loaders' workers and every process a test starts see only
+    those (train.threads=0 and data.num_workers follow the affinity). Unpinned, two workers each ran
+    as many torch threads as the machine has cores: 4 spinning threads on 2 cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    cores = sorted(os.sched_getaffinity(0))
+    if worker is None or count is None or int(count) > len(cores):
+        return
+    os.sched_setaffinity(0, cores[int(worker.removeprefix("gw"))::int(count)])
 
 
-def core_slots() -> list[list[int]]:
-    """The cores split into CORE_SLOTS shares (fewer on a machine with fewer cores)."""
-    cores = CORES
-    count = min(CORE_SLOTS, len(cores))
-    return [cores[k::count] for k in range(count)]
-
-
-def _pin_this_worker_to_one_share() -> None:
-    """Under pytest-xdist, puts the worker on one share of the cores before numpy, torch or numba
-    load, so their thread pools are the size of a share: unpinned, two workers each ran as many
-    torch threads as the machine has cores (4 spinning threads on 2 cores). Each test that computes
-    then takes a free share for itself (pytest_runtest_protocol below)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is not None:
-        slots = core_slots()
-        os.sched_setaffinity(0, slots[int(worker.removeprefix("gw")) % len(slots)])
-
-
-_pin_this_worker_to_one_share()
+_keep_this_worker_on_its_own_cores()
 
 import numpy as np  # noqa: E402  (after the pinning: numpy's threads count the cores when it loads)
 import pytest  # noqa: E402
@@ -142,14 +130,11 @@ def slurm(slurm_session) -> dict:
 
 # ---- the suite on both cores (pytest-xdist) ----------------------------------------------------
 #
-# `pytest` runs the tests in worker processes by default (pytest-xdist, `--dist loadgroup`): one
-# a share of the cores, and one more, because the SLURM tests mostly wait on their jobs (which the
-# dev cluster runs on every core). `-n 0` or `-p no:xdist` runs them in this process, as does
-# naming a single test file. Work that must not be done twice or at once stays on one worker: see
-# work_groups. A test that computes (every test but the SLURM ones) holds a share of the cores
-# while it runs, so no more of them run at once than there are shares.
+# `pytest` runs the tests in two worker processes by default (pytest-xdist, `--dist loadgroup`);
+# `-n 0` or `-p no:xdist` runs them in this process, as does naming a single test file. Work that
+# must not be done twice or at once stays on one worker: see work_groups.
 
-MAX_WORKERS = CORE_SLOTS + 1
+MAX_WORKERS = 2  # more would split the same work thinner: the SLURM group alone is a third of the suite
 PER_WORKER_FIXTURES = {"cifar_source", "beton_dir", "real_cifar_source"}  # seconds: cheaper than a worker waiting
 
 
@@ -175,12 +160,11 @@ def pytest_configure_node(node):
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown under -p no:xdist
 def pytest_xdist_auto_num_workers(config):
-    """A worker for each share of the cores and one for the SLURM tests' waiting; none (this
-    process) for a single test file."""
+    """One worker a core, at most MAX_WORKERS; none (this process) for a single test file."""
     paths = {Path(arg.split("::")[0]) for arg in config.args}
     if len(paths) == 1 and next(iter(paths)).is_file():
         return 0
-    return len(core_slots()) + 1
+    return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
 
 
 def work_groups(items) -> dict:
@@ -252,50 +236,6 @@ def pytest_collection_finish(session):
                    f"(./setup.sh), or run in one process with -n 0")
         sys.stderr.write(message + "\n")  # a worker's exception reaches the terminal only as xdist's INTERNALERROR
         raise pytest.UsageError(message)
-
-
-_held_slot = None  # this worker's open lock file of the share it holds, while a test runs
-
-
-def _take_a_share() -> None:
-    """Blocks until one of the run's shares of the cores is free, takes it (a lock file each: the
-    lock goes with a worker that dies) and puts this process on its cores."""
-    global _held_slot
-    import fcntl
-
-    folder = Path(tempfile.gettempdir()) / f"cifar-infinity-cores-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
-    folder.mkdir(exist_ok=True)
-    slots = core_slots()
-    own = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(slots)
-    order = [own, *(k for k in range(len(slots)) if k != own)]
-    while True:
-        for k in order:
-            handle = open(folder / f"share{k}", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            os.sched_setaffinity(0, slots[k])
-            _held_slot = handle
-            return
-        time.sleep(0.05)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Under pytest-xdist, a test that computes (setup and teardown of its fixtures included) holds
-    a share of the cores; a SLURM test, which waits on jobs the cluster runs on every core, does not."""
-    global _held_slot
-    computes = "PYTEST_XDIST_WORKER" in os.environ and not item.get_closest_marker("slurm")
-    if computes:
-        _take_a_share()
-    try:
-        yield
-    finally:
-        if _held_slot is not None:
-            _held_slot.close()  # releases the lock
-            _held_slot = None
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
