@@ -89,27 +89,29 @@ def logs(runs: Path, sweep: str) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((runs / sweep / "submitit").rglob("*_log.*")))
 
 
-def model_state(run_dir: Path) -> dict:
+def checkpoint_tensors(run_dir: Path, parts: tuple[str, ...] = ("model",)) -> dict:
+    """The final checkpoint's (last.pt) tensors of `parts` ("model", "ema"), named part.key."""
     import torch
 
-    return torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    return {f"{part}.{k}": v for part in parts for k, v in state[part].items()}
 
 
-def different_tensors(a: Path, b: Path) -> list[str]:
+def different_tensors(a: Path, b: Path, parts: tuple[str, ...] = ("model",)) -> list[str]:
     """The tensors of the two runs' final weights (last.pt) that are not equal bit for bit."""
     import torch
 
-    wa, wb = model_state(a), model_state(b)
+    wa, wb = checkpoint_tensors(a, parts), checkpoint_tensors(b, parts)
     if wa.keys() != wb.keys():
         return sorted(wa.keys() ^ wb.keys())
     return [k for k in wa if not torch.equal(wa[k], wb[k])]
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
+def assert_same_weights(a: Path, b: Path, parts: tuple[str, ...] = ("model",)) -> None:
     # Exact, not close: both runs do the same float operations in the same order (same global
     # batch, same shards per rank, one thread, a 2-way sum is commutative), so any difference is
     # a real one (a rank that saw other data, a resume that skipped or repeated a batch).
-    different = different_tensors(a, b)
+    different = different_tensors(a, b, parts)
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cluster_tools
 from conftest import EVERY_STEP, FAKE_WANDB_KEY, REPO, signal_at_step, small_run_args
 from helpers import Result, SMALL, run_main
 from wandb_records import config as wandb_config
@@ -33,16 +34,9 @@ def trainer(*args: str, env: dict | None = None) -> Result:
     return run_main("trainer", *args, env=env)
 
 
-def weights(run_dir: Path) -> dict:
-    state = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
-    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    """The network's and its EMA's final weights, bit for bit."""
+    cluster_tools.assert_same_weights(a, b, parts=("model", "ema"))
 
 
 def metrics(run_dir: Path) -> list[dict]:
