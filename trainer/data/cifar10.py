@@ -206,6 +206,9 @@ def find_source(source: Path | None, out: Path) -> Path:
 
 
 def write_beton(split: Split, path: Path, workers: int) -> None:
+    from trainer.data.numba_cache import cache_ffcv_compiles
+
+    cache_ffcv_compiles()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

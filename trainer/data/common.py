@@ -54,7 +54,10 @@ WITHOUT_FFCV = ("train without ffcv: data.loader=resident data.format=python, da
 def import_ffcv() -> None:
     """Imports ffcv, or raises one UserError saying what to do: its wheel and the libraries it links
     (OpenCV, libjpeg-turbo) fail to load with a traceback from deep inside the import otherwise."""
+    from trainer.data.numba_cache import cache_ffcv_compiles
+
     try:
+        cache_ffcv_compiles()  # imports ffcv
         import ffcv.loader  # noqa: F401
     except ImportError as e:
         raise UserError(f"data.format=beton: ffcv, which reads the .beton files, does not import here ({e}); "
