@@ -151,6 +151,42 @@ def test_prepare_on_one_core_exits_once_its_files_are_written(cifar_source, tmp_
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"train.beton", "test.beton", cifar10.SIDECAR}
 
 
+# A process that builds both ffcv loaders, reads a batch of each, and saves the test batch.
+CACHE_PROBE = """
+import sys
+import numpy as np
+from trainer.config import DataConfig
+from trainer.data import build_loaders
+from trainer.distributed import Dist
+cfg = DataConfig(dir=sys.argv[1], batch_size=100, num_workers=1, dtype="float32", train_subset=200, test_subset=100,
+                 flip=True, translate=2, cutout=8)
+train, test = build_loaders(cfg, Dist.single(), threads=1)
+next(iter(train))
+np.save(sys.argv[2], next(iter(test))[0].numpy())
+"""
+
+
+@pytest.mark.slow
+def test_ffcv_compiles_once_then_every_process_loads_them_from_numbas_cache(beton_dir, tmp_path):
+    """ffcv compiled its typed dict and its pipeline stages with numba in every process (8 s of CPU
+    before a rank's first step); trainer/data/numba_cache.py keeps them in numba's disk cache. The
+    second process loads what the first compiled, and decodes the same test batch with it."""
+    import subprocess
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_DEBUG_CACHE": "1"}
+    runs = [subprocess.run([sys.executable, "-c", CACHE_PROBE, str(beton_dir), str(tmp_path / f"{i}.npy")],
+                           capture_output=True, text=True, timeout=300, env=env) for i in (1, 2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    first, second = ([line for line in r.stdout.splitlines() if line.startswith("[cache] data ")] for r in runs)
+    for name in ("typeddict._setitem", "typeddict._getitem", "RandomHorizontalFlip", "RandomTranslate", "Cutout",
+                 "BasicDecoder"):
+        assert any("saved" in line and name in line for line in first), (name, first)
+        assert any("loaded" in line and name in line for line in second), (name, second)
+    assert not any("saved" in line for line in second), second  # nothing compiled again
+    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "2.npy"))
+
+
 @pytest.fixture
 def broken_source(tmp_path, cifar_source):
     """A copy of the source (symlinks) whose files a test may replace."""
