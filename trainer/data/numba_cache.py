@@ -32,8 +32,7 @@ def cache_ffcv_compiles() -> None:
 
     # Before ffcv's import, which fills its typed dict (compiling setitem, getitem, the dict itself).
     for compiled in vars(typeddict).values():
-        if hasattr(compiled, "enable_caching"):
-            compiled.enable_caching()
+        _enable_caching(compiled)
     # numba warns of each function it will not cache (the decoders' ctypes calls), every process.
     warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
 
@@ -43,11 +42,19 @@ def cache_ffcv_compiles() -> None:
 
     def compile_cached(cls, code, signature=None):
         compiled = compile_once(cls, code, signature)
-        try:
-            compiled.enable_caching()
-        except (AttributeError, RuntimeError):  # not compiled (ffcv's Compiler off), or code without a source file
-            pass
+        _enable_caching(compiled)
         return compiled
 
     Compiler.compile = classmethod(compile_cached)
     _asked = True
+
+
+def _enable_caching(compiled: object) -> None:
+    """numba's cache for `compiled`, where it can have one: not for plain functions (ffcv's Compiler
+    turned off), nor where numba finds no folder to write (a read-only install and no writable
+    user cache folder) or the code has no source file."""
+    if hasattr(compiled, "enable_caching"):
+        try:
+            compiled.enable_caching()
+        except RuntimeError:  # numba's "cannot cache function ...: no locator available"
+            pass
