@@ -44,6 +44,7 @@ def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
     assert step["modes_done"] == ["eager_fp32", "amp", "compiled_amp"] and step["complete"] and step["errors"] == {}
     # The bench says which precision the trainer's train.amp=auto picks on this CPU.
     auto = "bf16" if native_bf16_cpu(cpu_flags()) else "fp32"
+    assert result["step_settings"]["compile_backend"] == "inductor"
     assert result["step_settings"]["amp_auto"] == auto
     assert f"the trainer's precision here: {auto} (train.amp=auto: " in r.stdout
     assert result["time_to_accuracy"] == {"skipped": "--quick: not on a CPU"}

@@ -342,8 +342,10 @@ def assert_contract(stdout: str, out: Path) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
     """install (no wheels: skipped), preflight, unpack + prepare, the gpu tests (skipped here), the speed run,
-    a one-network budget sweep with its report, the step bench last; OUT as the device tool returns it."""
-    r, out = run_check(mini_kit, tmp_path)
+    a one-network budget sweep with its report, the step bench last; OUT as the device tool returns it.
+    The step bench compiles with aot_eager: the stage's path without inductor's cold minute of code
+    generation on this CPU (test_bench's smoke run compiles with inductor)."""
+    r, out = run_check(mini_kit, tmp_path, TRAINER_COMPILE_BACKEND="aot_eager")
     assert r.returncode == 0, r.stdout[-4000:]
     res, summary = assert_contract(r.stdout, out)
     stages = [(s["stage"], s["exit_code"]) for s in res["stages"]]
@@ -358,6 +360,7 @@ def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
     assert sweep["rows"][0]["name"] == "alexnet" and sweep["rows"][0]["finished"] and sweep["rows"][0]["budget_s"] == 6
     assert sweep["report_md"]
     assert res["step"]["part_finished"] and res["step"]["rows"]["resnet9_tiny"]["complete"]
+    assert res["step"]["settings"]["compile_backend"] == "aot_eager"
     assert res["plan"]["total_s"] is None and res["exit_code"] == 0 and not res["running"]
     assert "run.sh exit code 0; every stage exited 0" in summary and "data path: **ffcv .beton**" in summary
     assert "budget cut to 6 s per network (profile: 60 s)" in summary.lower()

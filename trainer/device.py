@@ -14,6 +14,11 @@ import torch
 # bf16 is emulated with fp32 instructions plus conversions, which costs more than it saves.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
+# torch.compile's backend, for the trainer and the step bench alike. Tests of the compiled paths set
+# aot_eager: the same dynamo graphs, DDP bucket split and AOT-autograd backward, without inductor's
+# code generation (a minute on a small CPU, cold). The bench's results record it.
+COMPILE_BACKEND = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

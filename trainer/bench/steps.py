@@ -25,7 +25,7 @@ import torch.nn as nn
 from trainer import models
 from trainer.cli import described
 from trainer.bench.common import Settings
-from trainer.device import amp_choice, amp_dtype, device_name, precision_name, synchronize
+from trainer.device import COMPILE_BACKEND, amp_choice, amp_dtype, device_name, precision_name, synchronize
 from trainer.models.flops import forward_flops
 
 # Peak dense bf16 tensor throughput (FLOP/s) by device name, from the vendors' data sheets; the
@@ -58,7 +58,7 @@ def time_steps(arch: str, device: torch.device, mode: str, settings: Settings) -
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     model = models.build(arch).to(device, memory_format=memory_format).train()
-    net = torch.compile(model) if use_compile else model
+    net = torch.compile(model, backend=COMPILE_BACKEND) if use_compile else model
     dtype = amp_dtype(device, autocast)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -106,7 +106,8 @@ def step_settings(device: torch.device, settings: Settings) -> dict:
     return {"batch": settings.step_batch, "steps": settings.step_steps, "warmup_steps": settings.step_warmup,
             "amp_dtype": str(dtype).removeprefix("torch."),
             "amp_auto": precision_name(amp_dtype(device, "auto")),  # what train.amp=auto trains in here
-            "peak_flops": peak_flops(device_name(device)) if device.type == "cuda" else None}
+            "peak_flops": peak_flops(device_name(device)) if device.type == "cuda" else None,
+            "compile_backend": COMPILE_BACKEND}
 
 
 EAGER_MODES = ("eager_fp32", "amp")

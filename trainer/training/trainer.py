@@ -6,7 +6,6 @@ if need be), StopSignal and StopCheck catch a stop signal and let the ranks agre
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import closing
 from pathlib import Path
@@ -22,7 +21,7 @@ from trainer.config import Config
 from trainer.data import build_loaders, build_val_loader
 from trainer.data.common import DTYPES, default_threads
 from trainer.data.resident import normalised_images
-from trainer.device import amp_dtype, fast_cuda_math
+from trainer.device import COMPILE_BACKEND, amp_dtype, fast_cuda_math
 from trainer.distributed import Dist
 from trainer.logger import NullLogger
 from trainer.models import options as model_options
@@ -36,10 +35,6 @@ from trainer.training.optim import Schedule, param_groups
 from trainer.training.progress import CompileClock, EpochSums, Progress
 from trainer.training.summary import epoch_line, evaluation_metrics, peak_memory_mb, ranks_in_sync, summary
 
-# torch.compile's backend. Tests of the compiled DDP path set aot_eager: the same dynamo graphs,
-# DDP bucket split and AOT-autograd backward, without inductor's code generation (minutes on a
-# small shared CPU). Read here only.
-COMPILE_BACKEND = os.environ.get("TRAINER_COMPILE_BACKEND", "inductor")
 WHITENING_IMAGES = 5000  # training images the patch-whitening layer is fitted to (airbench uses 5,000 too)
 
 
