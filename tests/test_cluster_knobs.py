@@ -66,6 +66,7 @@ def test_every_new_key_becomes_its_sbatch_line_through_submitit(slurm, beton_dir
     ({"mem_gb": 8, "mem_per_gpu": 40}, "mem_per_gpu: SLURM takes mem_gb (per node) or mem_per_gpu, not both"),
     ({"sbatch": ["reservation="]}, "sbatch: 'reservation=' is not 'name=value' or 'name'"),
     ({"max_requeues": -1}, "max_requeues: must not be negative"),
+    ({"poll_s": 0}, "poll_s: must be more than 0 seconds, got 0"),
     # #22: sbatch entries silently beat the first-class keys (the dry run said USR2@120s, the script KILL@1).
     ({"sbatch": ["signal=KILL@1"]}, "sbatch: 'signal=KILL@1' sets what the key 'signal_delay_s' sets: use signal_delay_s"),
     ({"sbatch": ["--time=10"]}, "use time_min instead"),

@@ -30,6 +30,26 @@ def test_sweep_json_round_trip_and_the_record_from_before_seeds(tmp_path):
     assert old.runs == [Job("alexnet", "alexnet"), Job("resnet", "resnet")] and old.jobs == {} and old.executor is None
 
 
+@pytest.mark.parametrize("cluster, expected", [({"poll_s": 0.25}, 0.25), ({}, 5.0)])
+def test_a_watching_launcher_looks_as_often_as_the_sweeps_cluster_says(cluster, expected, tmp_path, monkeypatch):
+    # slurm/local.yaml's poll_s: 1 for the dev cluster; a sweep.json from before the key: 5 s, as always.
+    from trainer import sweep_file
+    from trainer.launch import status
+    from trainer.sweep_file import SweepRecord
+
+    sweep_file.write(tmp_path, SweepRecord("s", [], [], "local", "smoke", [], cluster, {}, "abc"))
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        raise KeyboardInterrupt  # one look is enough
+
+    monkeypatch.setattr(status.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        status.wait(tmp_path, step=lambda: True)  # a job still running
+    assert slept == [expected]
+
+
 @pytest.mark.parametrize("text", ["{", "[]", '{"archs": ["resnet"]}', '{"sweep": "s", "runs": [{"name": "x"}]}'])
 def test_an_unreadable_sweep_json_is_one_line_naming_it(tmp_path, text):
     from trainer import UserError, sweep_file

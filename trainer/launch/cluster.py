@@ -64,6 +64,10 @@ class ClusterConfig:
     # into its run folder, where it resumes from its checkpoint; only while a launcher watches the
     # sweep (--wait, --local). --retries N overrides it. Not time limits: those are max_requeues'.
     retries: int = 0
+    # How often a launcher that watches the sweep (--wait, --status --wait) asks SLURM about its jobs,
+    # seconds: each look is an sacct call that the controller answers; a small cluster of one's own
+    # can take one a second.
+    poll_s: float = 5.0
     # An image to run each job's Python in; null: the launcher's own interpreter. The image must hold
     # this version of the project (the jobs unpickle the launcher's job objects): containers/build.sh
     # tags it with the commit. container_runtime says how it starts (containers/job/run.sh):
@@ -78,6 +82,8 @@ class ClusterConfig:
         for name in ("time_min", "cpus_per_task", "array_parallelism", "nodes", "jobs_per_gpu"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s: must be more than 0 seconds, got {self.poll_s}")
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node: must not be negative, got {self.gpus_per_node}")
         if self.tasks_per_node is not None and self.tasks_per_node < 1:

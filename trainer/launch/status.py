@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from trainer import run_files, sweep_file
 from trainer.cli import described
+from trainer.launch.cluster import ClusterConfig
 from trainer.launch.grid import name_width
 from trainer.launch.slurm import check_slurm
 from trainer.launch.state import job_state, terminal
@@ -104,12 +105,15 @@ def _failed(e: dict) -> bool:
     return not e["finished"] or e["state"] == "FAILED"
 
 
-def wait(sweep_dir: Path, poll_s: float = 5.0, step: Callable[[], bool] | None = None,
+def wait(sweep_dir: Path, poll_s: float | None = None, step: Callable[[], bool] | None = None,
          retrier: Retrier | None = None) -> int:
-    """Blocks until every job of the sweep has ended, showing progress; 1 if any failed. `step` (the
-    --local scheduler's) is called every poll: it starts queued jobs, and says whether any job still
+    """Blocks until every job of the sweep has ended, showing progress; 1 if any failed. It looks
+    every `poll_s` seconds (default: the sweep's cluster setting poll_s). `step` (the --local
+    scheduler's) is called every poll: it starts queued jobs, and says whether any job still
     runs or waits, which decides the end: it sees its jobs' processes, so a job killed before it
     wrote its result ends the wait too. `retrier` submits failed jobs again (--retries)."""
+    if poll_s is None:
+        poll_s = sweep_file.read(sweep_dir).cluster.get("poll_s", ClusterConfig.poll_s)
     last = None
     while True:
         busy = step() if step is not None else None
