@@ -16,8 +16,11 @@ PROVENANCE = {"command", "git_sha", "device", "torch_version", "data", "date"}
 
 
 @pytest.mark.slow
-def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
+def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path, monkeypatch):
     # --smoke: --quick's code paths on 2,048 training images and one small network, for the tests.
+    # Compiled with aot_eager (dynamo's graphs, AOT autograd): inductor's cold code generation took
+    # half a minute here; test_gpu_paths' cold compile runs inductor.
+    monkeypatch.setattr("trainer.bench.steps.COMPILE_BACKEND", "aot_eager")
     out = tmp_path / "bench.json"
     r = run_main("trainer.bench", "--smoke", "--data", str(beton_dir), "--json", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -44,7 +47,7 @@ def test_bench_smoke_writes_tables_and_json(beton_dir, tmp_path):
     assert step["modes_done"] == ["eager_fp32", "amp", "compiled_amp"] and step["complete"] and step["errors"] == {}
     # The bench says which precision the trainer's train.amp=auto picks on this CPU.
     auto = "bf16" if native_bf16_cpu(cpu_flags()) else "fp32"
-    assert result["step_settings"]["compile_backend"] == "inductor"
+    assert result["step_settings"]["compile_backend"] == "aot_eager"
     assert result["step_settings"]["amp_auto"] == auto
     assert f"the trainer's precision here: {auto} (train.amp=auto: " in r.stdout
     assert result["time_to_accuracy"] == {"skipped": "--quick: not on a CPU"}

@@ -137,7 +137,7 @@ def local_executor(folder: Path, cluster: ClusterConfig, devices: tuple[int, ...
     return ex
 
 
-def run_local(plan: Plan, names: list[str], slots: list[tuple[int, ...]], force: bool, poll_s: float = 2.0) -> int:
+def run_local(plan: Plan, names: list[str], slots: list[tuple[int, ...]], force: bool, poll_s: float = 1.0) -> int:
     """Trains the jobs `names` on this machine, at most one per slot, and waits for all of them."""
     if force:
         plan.move_aside(names)
