@@ -187,6 +187,35 @@ def test_ffcv_compiles_once_then_every_process_loads_them_from_numbas_cache(beto
     np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "2.npy"))
 
 
+def _plus_one(x):  # compiled by the next test: numba caches only functions of a source file
+    return x + 1
+
+
+def test_a_cache_numba_cannot_write_leaves_the_compile_as_it_was(tmp_path, monkeypatch):
+    """numba raises a failed cache write out of the compile itself: a full disk where the cache lives
+    (here a real one, a 4 KiB tmpfs) would have ended ffcv's loader thread, and the training with it."""
+    import subprocess
+
+    import numba
+
+    from trainer.data.numba_cache import _enable_caching
+
+    disk = tmp_path / "full"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "numba-cache", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mount.stderr.strip()}")
+    try:
+        monkeypatch.setattr(numba.config, "CACHE_DIR", str(disk))
+        compiled = numba.njit(_plus_one)
+        _enable_caching(compiled)
+        assert compiled(41) == 42
+        assert not list(disk.rglob("*.nbc"))  # nothing saved: the disk was full
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 @pytest.fixture
 def broken_source(tmp_path, cifar_source):
     """A copy of the source (symlinks) whose files a test may replace."""

@@ -52,9 +52,28 @@ def cache_ffcv_compiles() -> None:
 def _enable_caching(compiled: object) -> None:
     """numba's cache for `compiled`, where it can have one: not for plain functions (ffcv's Compiler
     turned off), nor where numba finds no folder to write (a read-only install and no writable
-    user cache folder) or the code has no source file."""
-    if hasattr(compiled, "enable_caching"):
+    user cache folder) or the code has no source file. A cache that fails to read or write never
+    fails the compile: numba raises a failed write (a full disk) out of the compile itself, which
+    would end ffcv's loader thread, and the training with it."""
+    if not hasattr(compiled, "enable_caching"):
+        return
+    try:
+        compiled.enable_caching()
+    except RuntimeError:  # numba's "cannot cache function ...: no locator available"
+        return
+    cache = compiled._cache
+    load, save = cache.load_overload, cache.save_overload
+
+    def load_or_compile(sig, target_context):
         try:
-            compiled.enable_caching()
-        except RuntimeError:  # numba's "cannot cache function ...: no locator available"
+            return load(sig, target_context)
+        except Exception:  # an unreadable or damaged entry: compiled anew, as without a cache
+            return None
+
+    def save_or_skip(sig, data):
+        try:
+            save(sig, data)
+        except OSError:  # a full or read-only disk: this process keeps its code, the next compiles again
             pass
+
+    cache.load_overload, cache.save_overload = load_or_compile, save_or_skip
