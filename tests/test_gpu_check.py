@@ -344,7 +344,7 @@ def test_run_sh_cpu_meets_the_output_contract(mini_kit, tmp_path):
     """install (no wheels: skipped), preflight, unpack + prepare, the gpu tests (skipped here), the speed run,
     a one-network budget sweep with its report, the step bench last; OUT as the device tool returns it.
     The step bench compiles with aot_eager: the stage's path without inductor's cold minute of code
-    generation on this CPU (test_bench's smoke run compiles with inductor)."""
+    generation on this CPU (test_gpu_paths' cold compile runs inductor)."""
     r, out = run_check(mini_kit, tmp_path, TRAINER_COMPILE_BACKEND="aot_eager")
     assert r.returncode == 0, r.stdout[-4000:]
     res, summary = assert_contract(r.stdout, out)

@@ -40,12 +40,15 @@ def test_a_watching_launcher_looks_as_often_as_the_sweeps_cluster_says(cluster, 
     sweep_file.write(tmp_path, SweepRecord("s", [], [], "local", "smoke", [], cluster, {}, "abc"))
     slept = []
 
+    class Looked(Exception):
+        pass
+
     def sleep(seconds):
         slept.append(seconds)
-        raise KeyboardInterrupt  # one look is enough
+        raise Looked  # one look is enough
 
     monkeypatch.setattr(status.time, "sleep", sleep)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Looked):
         status.wait(tmp_path, step=lambda: True)  # a job still running
     assert slept == [expected]
 
